@@ -1,0 +1,64 @@
+"""`optical-memory` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _not_ready(args: argparse.Namespace) -> int:
+    raise SystemExit(f"optical-memory {args.command}: not available in this build")
+
+
+# --- render (renderers) -------------------------------------------------------
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render a transcript to page PNGs and pages.json")
+    p.set_defaults(handler=_not_ready)
+
+
+# --- check-checkpoint (encoder) ----------------------------------------------
+def _add_check_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-checkpoint", help="report what a checkpoint directory holds")
+    p.set_defaults(handler=_not_ready)
+
+
+# --- ocr (decoder) -----------------------------------------------------------
+def _add_ocr(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ocr", help="read one image with a checkpoint")
+    p.set_defaults(handler=_not_ready)
+
+
+# --- memory commands: demo, ingest, plan, ask, stats --------------------------
+def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_text in [
+        ("demo", "page, plan and picture a long conversation (no GPU, no weights)"),
+        ("ingest", "append a transcript to a session"),
+        ("plan", "show what the context of a session would hold"),
+        ("ask", "answer a question from a session's memory (needs --model)"),
+        ("stats", "turns, pages per mode, cache use of a session"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(handler=_not_ready)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optical-memory",
+        description="Long-context chat memory: old turns as vision tokens that fade with age.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_render(sub)
+    _add_check_checkpoint(sub)
+    _add_ocr(sub)
+    _add_memory_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
