@@ -1,0 +1,229 @@
+"""The whole DeepSeek-OCR model: DeepEncoder, decoder and tokenizer from one checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from optical_memory.model.context import (
+    ContextAssembler,
+    DecoderInputs,
+    PageImage,
+    Segment,
+    split_prompt,
+)
+from optical_memory.model.decoder import (
+    DECODER_PREFIXES,
+    DecoderConfig,
+    DeepseekOCRDecoder,
+    build_decoder,
+    convert_state_dict,
+)
+from optical_memory.model.generation import GenerationConfig, generate_ids
+from optical_memory.model.tokenizer import OCRTokenizer
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device_dtype(
+    device: torch.device | str | None, dtype: torch.dtype | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA in bfloat16 when available, else CPU in float32. Bad values raise ValueError."""
+    try:
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"invalid device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dtype is None:
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"invalid dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"invalid dtype {dtype}; the model runs in float32, bfloat16 or float16")
+    return dev, dtype
+
+
+def _decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every decoder tensor in the directory's safetensors files."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name.startswith(DECODER_PREFIXES):
+                    yield name, f.get_tensor(name)
+
+
+def load_decoder(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    experts_implementation: str | None = None,
+) -> DeepseekOCRDecoder:
+    """The decoder of a checkpoint directory (config.json + safetensors, official names)."""
+    path = Path(path)
+    dev, dt = resolve_device_dtype(device, dtype)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    config = DecoderConfig.from_checkpoint_config(json.loads(config_file.read_text()))
+    tensors = convert_state_dict(_decoder_tensors(path), config, device=dev, dtype=dt)
+    if not tensors:
+        raise ValueError(f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)")
+    return build_decoder(
+        config, tensors, device=dev, dtype=dt, experts_implementation=experts_implementation
+    )
+
+
+class OpticalModel:
+    """DeepEncoder + DeepSeek-3B-MoE decoder + tokenizer, answering contexts of pages and text.
+
+    A context is a sequence of segments (see `optical_memory.model.context`):
+    text, `PageImage` (encoded on the fly) or cached page embeddings.
+    """
+
+    def __init__(self, encoder: Any, decoder: DeepseekOCRDecoder, tokenizer: OCRTokenizer) -> None:
+        if encoder is not None and encoder.hidden_size != decoder.config.hidden_size:
+            raise ValueError(
+                f"encoder width {encoder.hidden_size} != decoder width {decoder.config.hidden_size}"
+            )
+        if tokenizer.vocab_size > decoder.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens, the decoder only {decoder.config.vocab_size}"
+            )
+        self.encoder = encoder
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.window = decoder.config.max_position_embeddings
+        self._assembler = ContextAssembler(
+            tokenizer,
+            decoder.embed_tokens,
+            self.window,
+            encode=self._encode if encoder is not None else None,
+        )
+
+    @property
+    def token_counter(self) -> OCRTokenizer:
+        """Counts decoder tokens of a text (`name`, `count(text)`)."""
+        return self.tokenizer
+
+    def _encode(self, pages: Sequence[PageImage]) -> list[torch.Tensor]:
+        return [self.encoder.encode(p.image, p.mode) for p in pages]
+
+    def assemble(self, segments: Sequence[Segment], max_new_tokens: int = 512) -> DecoderInputs:
+        """Decoder inputs for a context; raises ContextOverflowError past the window."""
+        return self._assembler.assemble(segments, max_new_tokens)
+
+    @torch.no_grad()
+    def logits(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """Float32 logits [seq, vocab] of the first forward pass over the context."""
+        inputs = self.assemble(segments, max_new_tokens=0)
+        return self.decoder(
+            inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+        )[0]
+
+    def generate_ids(self, segments: Sequence[Segment], **options: Any) -> list[int]:
+        """Generated token ids (EOS included when reached); options as `generate`."""
+        config = GenerationConfig(**options)
+        inputs = self.assemble(segments, config.max_new_tokens)
+        return list(generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id))
+
+    def _answer_ids(self, ids: list[int]) -> list[int]:
+        return ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids
+
+    def generate(
+        self,
+        segments: Sequence[Segment],
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        no_repeat_ngram_size: int | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """The answer to a context as text (EOS removed). Greedy unless `do_sample`."""
+        ids = self.generate_ids(
+            segments,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=seed,
+        )
+        return self.tokenizer.decode(self._answer_ids(ids))
+
+    def stream(self, segments: Sequence[Segment], **options: Any) -> Iterator[str]:
+        """Yield the answer as it is generated, in text pieces that concatenate to `generate`'s text.
+
+        A piece is held back while it ends in an incomplete UTF-8 sequence.
+        """
+        config = GenerationConfig(**options)
+        inputs = self.assemble(segments, config.max_new_tokens)
+        ids: list[int] = []
+        sent = ""
+        for token in generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id):
+            if token == self.tokenizer.eos_id:
+                break
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+            sent = text
+        text = self.tokenizer.decode(ids)
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+
+    def generate_from_prompt(
+        self, prompt: str, images: Sequence[PageImage | torch.Tensor] = (), **options: Any
+    ) -> str:
+        """Answer a prompt whose `<image>` placeholders stand for `images`, in order.
+
+        `model.generate_from_prompt("<image>\\nFree OCR.", images=[PageImage(img, "base")])`
+        """
+        return self.generate(split_prompt(prompt, images), **options)
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> OpticalModel:
+    """Load a DeepSeek-OCR checkpoint directory (config.json, tokenizer.json, *.safetensors).
+
+    bf16 on CUDA and float32 on CPU by default. A directory lacking the decoder
+    or the tokenizer raises an error naming what is missing.
+    """
+    from optical_memory.model.checkpoint import load_encoder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    dev, dt = resolve_device_dtype(device, dtype)
+    decoder = load_decoder(path, dev, dt)
+    tokenizer = OCRTokenizer.from_dir(
+        path, bos_id=decoder.config.bos_token_id, eos_id=decoder.config.eos_token_id
+    )
+    encoder = load_encoder(path, device=dev, dtype=dt)
+    return OpticalModel(encoder, decoder, tokenizer)
