@@ -1,0 +1,245 @@
+"""The embedded default store: one local SQLite file in WAL mode, no server.
+
+Writers serialise on SQLite's write lock (`BEGIN IMMEDIATE`), so several
+processes may share one file; each append is committed with `synchronous=FULL`
+before it returns. The vision-token cache lives in the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from optical_memory.stores.base import (
+    CacheLimits,
+    NewTurn,
+    SessionInfo,
+    Store,
+    StoreError,
+    Turn,
+    conflict,
+    now,
+    same_turn,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    sid TEXT PRIMARY KEY, created REAL NOT NULL, cursor INTEGER NOT NULL DEFAULT 0,
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS turns (
+    sid TEXT NOT NULL, idx INTEGER NOT NULL, turn_id TEXT NOT NULL, role TEXT NOT NULL,
+    content TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (sid, idx), UNIQUE (sid, turn_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pages (
+    sid TEXT NOT NULL, idx INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (sid, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (
+    sid TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, size INTEGER NOT NULL,
+    used REAL NOT NULL, PRIMARY KEY (sid, key)
+);
+CREATE INDEX IF NOT EXISTS cache_by_use ON cache (sid, used);
+"""
+
+
+class SQLiteStore(Store):
+    """A store in the SQLite file at `path` (created with its directory if missing)."""
+
+    def __init__(self, path: str | Path, cache: CacheLimits | None = None, timeout_s: float = 60.0):
+        self.path = Path(path).expanduser()
+        self.url = f"sqlite:///{self.path.resolve()}"
+        self.limits = cache or CacheLimits()
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's write lock from the start."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    # --- turn log -------------------------------------------------------------------
+    def append(self, session_id: str, turns: Sequence[NewTurn]) -> list[Turn]:
+        out: list[Turn] = []
+        with self._write() as db:
+            (count,) = db.execute(
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM turns WHERE sid = ?", (session_id,)
+            ).fetchone()
+            if count == 0:
+                db.execute(
+                    "INSERT OR IGNORE INTO sessions (sid, created) VALUES (?, ?)",
+                    (session_id, now()),
+                )
+            pending: dict[str, Turn] = {}
+            for new in turns:
+                stored = pending.get(new.turn_id) or self._by_id(db, session_id, new.turn_id)
+                if stored is not None:
+                    if not same_turn(stored, new):
+                        raise conflict(session_id, stored)
+                    out.append(stored)
+                    continue
+                turn = Turn(count, new.turn_id, new.role, new.content, now())
+                db.execute(
+                    "INSERT INTO turns (sid, idx, turn_id, role, content, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (session_id, turn.index, turn.turn_id, turn.role, turn.content, turn.created),
+                )
+                pending[new.turn_id] = turn
+                out.append(turn)
+                count += 1
+        return out
+
+    @staticmethod
+    def _by_id(db: sqlite3.Connection, session_id: str, turn_id: str) -> Turn | None:
+        row = db.execute(
+            "SELECT idx, turn_id, role, content, created FROM turns WHERE sid = ? AND turn_id = ?",
+            (session_id, turn_id),
+        ).fetchone()
+        return Turn(*row) if row else None
+
+    def turns(self, session_id: str, start: int = 0, stop: int | None = None) -> list[Turn]:
+        rows = self._read(
+            "SELECT idx, turn_id, role, content, created FROM turns "
+            "WHERE sid = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (session_id, start, stop if stop is not None else 2**62),
+        )
+        return [Turn(*row) for row in rows]
+
+    def turn_count(self, session_id: str) -> int:
+        (count,) = self._read(
+            "SELECT COALESCE(MAX(idx) + 1, 0) FROM turns WHERE sid = ?", (session_id,)
+        )[0]
+        return count
+
+    def sessions(self) -> list[str]:
+        return [sid for (sid,) in self._read("SELECT DISTINCT sid FROM turns ORDER BY sid")]
+
+    def delete(self, session_id: str) -> bool:
+        with self._write() as db:
+            existed = db.execute("DELETE FROM turns WHERE sid = ?", (session_id,)).rowcount > 0
+            for table in ("pages", "cache", "sessions"):
+                db.execute(f"DELETE FROM {table} WHERE sid = ?", (session_id,))
+        return existed
+
+    # --- pages ----------------------------------------------------------------------
+    def pages(self, session_id: str) -> list[dict[str, Any]]:
+        rows = self._read("SELECT record FROM pages WHERE sid = ? ORDER BY idx", (session_id,))
+        return [json.loads(record) for (record,) in rows]
+
+    def add_pages(
+        self, session_id: str, expected: int, pages: Sequence[dict[str, Any]], cursor: int
+    ) -> bool:
+        with self._write() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM pages WHERE sid = ?", (session_id,)).fetchone()
+            if count != expected:
+                return False
+            db.executemany(
+                "INSERT INTO pages (sid, idx, record) VALUES (?, ?, ?)",
+                [(session_id, expected + i, json.dumps(p, sort_keys=True)) for i, p in enumerate(pages)],
+            )
+            db.execute(
+                "INSERT INTO sessions (sid, created, cursor) VALUES (?, ?, ?) "
+                "ON CONFLICT (sid) DO UPDATE SET cursor = excluded.cursor",
+                (session_id, now(), cursor),
+            )
+        return True
+
+    # --- vision-token cache ---------------------------------------------------------
+    def cache_get(self, session_id: str, key: str) -> bytes | None:
+        t = now()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT value, used FROM cache WHERE sid = ? AND key = ?", (session_id, key)
+            ).fetchone()
+            if row is None:
+                return None
+            if self.limits.ttl_s is not None and t - row[1] > self.limits.ttl_s:
+                db.execute("DELETE FROM cache WHERE sid = ? AND key = ?", (session_id, key))
+                return None
+            db.execute("UPDATE cache SET used = ? WHERE sid = ? AND key = ?", (t, session_id, key))
+            return bytes(row[0])
+
+    def cache_put(self, session_id: str, key: str, value: bytes) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO cache (sid, key, value, size, used) VALUES (?, ?, ?, ?, ?)",
+                (session_id, key, value, len(value), now()),
+            )
+            if self.limits.ttl_s is not None:
+                db.execute(
+                    "DELETE FROM cache WHERE sid = ? AND used < ?",
+                    (session_id, now() - self.limits.ttl_s),
+                )
+            total = 0
+            evict = []
+            for k, size in db.execute(
+                "SELECT key, size FROM cache WHERE sid = ? ORDER BY used DESC, key", (session_id,)
+            ).fetchall():
+                total += size
+                if total > self.limits.max_bytes:
+                    evict.append((session_id, k))
+            db.executemany("DELETE FROM cache WHERE sid = ? AND key = ?", evict)
+
+    def cache_delete(self, session_id: str, key: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM cache WHERE sid = ? AND key = ?", (session_id, key))
+
+    def count_cache(self, session_id: str, hits: int = 0, misses: int = 0) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO sessions (sid, created, hits, misses) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (sid) DO UPDATE SET hits = hits + excluded.hits, "
+                "misses = misses + excluded.misses",
+                (session_id, now(), hits, misses),
+            )
+
+    # --- sizes ----------------------------------------------------------------------
+    def info(self, session_id: str) -> SessionInfo:
+        turns, turn_bytes = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(content AS BLOB))), 0) FROM turns "
+            "WHERE sid = ?",
+            (session_id,),
+        )[0]
+        (pages,) = self._read("SELECT COUNT(*) FROM pages WHERE sid = ?", (session_id,))[0]
+        entries, cache_bytes = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM cache WHERE sid = ?", (session_id,)
+        )[0]
+        row = self._read("SELECT cursor, hits, misses FROM sessions WHERE sid = ?", (session_id,))
+        cursor, hits, misses = row[0] if row else (0, 0, 0)
+        return SessionInfo(turns, pages, cursor, entries, cache_bytes, hits, misses, turn_bytes)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
