@@ -20,7 +20,20 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 # --- check-checkpoint (encoder) ----------------------------------------------
 def _add_check_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-checkpoint", help="report what a checkpoint directory holds")
-    p.set_defaults(handler=_not_ready)
+    p.add_argument("directory", help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.set_defaults(handler=_check_checkpoint)
+
+
+def _check_checkpoint(args: argparse.Namespace) -> int:
+    from optical_memory.model import CheckpointError, check_checkpoint
+
+    try:
+        report = check_checkpoint(args.directory)
+    except CheckpointError as exc:
+        print(f"optical-memory check-checkpoint: {exc}", file=sys.stderr)
+        return 1
+    print(report.describe())
+    return 0 if report.ok else 1
 
 
 # --- ocr (decoder) -----------------------------------------------------------

@@ -1,0 +1,257 @@
+"""DeepSeek-OCR checkpoint directories: encoder tensors by their official names.
+
+A checkpoint directory in Hugging Face layout holds `config.json`, tokenizer
+files and `*.safetensors` (optionally sharded with `model.safetensors.index.json`).
+The encoder's tensors are `model.sam_model.*`, `model.vision_model.*`,
+`model.projector.*`, `model.image_newline` and `model.view_seperator` (sic).
+Our modules reuse transformers' SAM and CLIP layers, whose names differ; the
+renaming lives here, in both directions, and is exact (the fused CLIP
+`qkv_proj` is split into q/k/v and joined back).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from optical_memory.model.config import ConfigError, EncoderConfig
+
+ENCODER_PREFIXES = (
+    "model.sam_model.",
+    "model.vision_model.",
+    "model.projector.",
+    "model.image_newline",
+    "model.view_seperator",
+)
+DECODER_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+# In the official checkpoint but unused by the encoder: the CLIP pixel patch
+# embedding (DeepEncoder feeds SAM features instead) and an arange buffer.
+UNUSED_OFFICIAL = {
+    "model.vision_model.embeddings.patch_embedding.weight",
+    "model.vision_model.embeddings.position_ids",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+# internal (transformers module) name -> official name, for the renamed SAM parts
+_RENAMES = [
+    (r"^sam_model\.patch_embed\.projection\.", "sam_model.patch_embed.proj."),
+    (r"^sam_model\.layers\.(\d+)\.layer_norm([12])\.", r"sam_model.blocks.\1.norm\2."),
+    (r"^sam_model\.layers\.(\d+)\.", r"sam_model.blocks.\1."),
+    (r"^sam_model\.neck\.conv1\.", "sam_model.neck.0."),
+    (r"^sam_model\.neck\.layer_norm1\.", "sam_model.neck.1."),
+    (r"^sam_model\.neck\.conv2\.", "sam_model.neck.2."),
+    (r"^sam_model\.neck\.layer_norm2\.", "sam_model.neck.3."),
+    (r"^sam_model\.proj\.conv1\.", "sam_model.net_2."),
+    (r"^sam_model\.proj\.conv2\.", "sam_model.net_3."),
+]
+_SPLIT_QKV = re.compile(
+    r"^(vision_model\.transformer\.layers\.\d+\.self_attn\.)([qkv])_proj\.(\w+)$"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be loaded; the message lists every problem found."""
+
+
+def official_name(internal: str) -> str:
+    """Official checkpoint name of one of our encoder parameters (q/k/v map to the fused qkv)."""
+    m = _SPLIT_QKV.match(internal)
+    if m:
+        return f"model.{m.group(1)}qkv_proj.{m.group(3)}"
+    for pattern, repl in _RENAMES:
+        new, n = re.subn(pattern, repl, internal)
+        if n:
+            return "model." + new
+    return "model." + internal
+
+
+def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our encoder state dict -> tensors under the official names (q, k, v fused into qkv_proj)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        m = _SPLIT_QKV.match(name)
+        if m:
+            fused.setdefault(official_name(name), {})[m.group(2)] = tensor
+        else:
+            out[official_name(name)] = tensor
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def to_internal(
+    tensors: dict[str, torch.Tensor], internal_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Official tensors -> our state dict for the given internal parameter names."""
+    state = {}
+    for name in internal_names:
+        tensor = tensors[official_name(name)]
+        m = _SPLIT_QKV.match(name)
+        if m:
+            tensor = tensor.chunk(3)["qkv".index(m.group(2))]
+        state[name] = tensor
+    return state
+
+
+def expected_shapes(internal_shapes: dict[str, torch.Size]) -> dict[str, tuple[int, ...]]:
+    """Official name -> shape, from our parameters' shapes."""
+    meta = {k: torch.empty(s, device="meta") for k, s in internal_shapes.items()}
+    return {k: tuple(v.shape) for k, v in to_official(meta).items()}
+
+
+def is_encoder_name(name: str) -> bool:
+    return name.startswith(ENCODER_PREFIXES)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The shards of a checkpoint: those named by the index file, else every *.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted({directory / f for f in weight_map.values()})
+    return sorted(directory.glob("*.safetensors"))
+
+
+def tensor_locations(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor name in the directory's safetensors -> (file, shape), from the headers only."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                found[name] = (path, tuple(f.get_slice(name).get_shape()))
+    return found
+
+
+@dataclass
+class TensorProblems:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mis_shaped: list[str] = field(default_factory=list)  # "name: file [..] vs expected [..]"
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mis_shaped)
+
+    def describe(self) -> str:
+        lines = []
+        for title, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", self.mis_shaped),
+        ):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {item}" for item in items)
+        return "\n".join(lines)
+
+
+def compare(
+    found: dict[str, tuple[Path, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]
+) -> TensorProblems:
+    """Encoder tensors of a checkpoint against the expected official names and shapes."""
+    present = {k: v for k, v in found.items() if is_encoder_name(k) and k not in UNUSED_OFFICIAL}
+    problems = TensorProblems(
+        missing=sorted(set(expected) - set(present)),
+        unexpected=sorted(set(present) - set(expected)),
+    )
+    for name in sorted(set(expected) & set(present)):
+        shape = present[name][1]
+        if shape != expected[name]:
+            problems.mis_shaped.append(
+                f"{name}: {list(shape)} in {present[name][0].name}, expected {list(expected[name])}"
+            )
+    return problems
+
+
+def read_tensors(
+    locations: dict[str, tuple[Path, tuple[int, ...]]], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Read the named tensors, opening each shard once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(locations[name][0], []).append(name)
+    out = {}
+    for path, file_names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in file_names:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+@dataclass
+class CheckpointReport:
+    """What a checkpoint directory holds (see `check_checkpoint`)."""
+
+    directory: Path
+    config: bool
+    encoder: bool
+    decoder: bool
+    tokenizer: list[str]
+    tensor_count: int
+    problems: list[str]  # human-readable, one per problem group
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        def mark(flag: bool) -> str:
+            return "yes" if flag else "no"
+
+        lines = [
+            f"checkpoint: {self.directory}",
+            f"config.json: {mark(self.config)}",
+            f"tensors: {self.tensor_count}",
+            f"encoder: {mark(self.encoder)}",
+            f"decoder: {mark(self.decoder)}",
+            f"tokenizer: {', '.join(self.tokenizer) if self.tokenizer else 'no'}",
+        ]
+        lines += ["problems:", *self.problems] if self.problems else ["problems: none"]
+        return "\n".join(lines)
+
+
+def check_checkpoint(path: str | Path) -> CheckpointReport:
+    """Report which components (encoder, decoder, tokenizer) a directory holds and its tensor problems.
+
+    Encoder tensors are checked by name and shape against config.json; the
+    decoder is reported present when its embedding and layer tensors are there.
+    """
+    from optical_memory.model.encoder import encoder_shapes  # torch modules: imported on use
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    problems: list[str] = []
+    config_path = directory / "config.json"
+    found = tensor_locations(directory)
+    if not found:
+        problems.append("no *.safetensors files")
+    has_encoder = any(is_encoder_name(k) for k in found)
+    has_decoder = any(k.startswith("model.embed_tokens.") for k in found) and any(
+        k.startswith("model.layers.") for k in found
+    )
+    if not config_path.is_file():
+        problems.append("no config.json")
+    elif has_encoder:
+        try:
+            config = EncoderConfig.from_file(config_path)
+        except (ConfigError, json.JSONDecodeError) as exc:
+            problems.append(f"config.json: {exc}")
+        else:
+            encoder_problems = compare(found, expected_shapes(encoder_shapes(config)))
+            if encoder_problems:
+                problems.append("encoder tensors:\n" + encoder_problems.describe())
+    return CheckpointReport(
+        directory=directory,
+        config=config_path.is_file(),
+        encoder=has_encoder,
+        decoder=has_decoder,
+        tokenizer=[f for f in TOKENIZER_FILES if (directory / f).is_file()],
+        tensor_count=len(found),
+        problems=problems,
+    )
