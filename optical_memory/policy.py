@@ -1,0 +1,147 @@
+"""The forgetting policy: page age -> resolution mode, and the budget solver.
+
+The older a page, the fewer vision tokens it may cost: a schedule maps age
+(in turns since the page's newest turn, or in seconds) to a mode, from gundam
+down to tiny, then out of the context (the turns stay in the store). The solver
+then makes the whole context fit the decoder window: over budget, the oldest
+pages step down first (one mode at a time, the oldest page all the way to the
+floor before the next), then the oldest leave the context. Everything here is
+plain arithmetic on numbers the store already holds, so planning needs no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from optical_memory.modes import FADING_ORDER, get_mode
+
+AGE_UNITS = ("turns", "seconds")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Age thresholds: a page younger than `steps[k][0]` is encoded at `steps[k][1]`.
+
+    Steps are in ascending age and their modes fade in FADING_ORDER; a page older
+    than the last threshold leaves the context.
+    """
+
+    steps: tuple[tuple[float, str], ...] = (
+        (150, "gundam"),
+        (300, "large"),
+        (500, "base"),
+        (800, "small"),
+        (1500, "tiny"),
+    )
+    unit: str = "turns"
+
+    def __post_init__(self) -> None:
+        if self.unit not in AGE_UNITS:
+            raise ValueError(f"schedule unit must be one of {AGE_UNITS}, got {self.unit!r}")
+        if not self.steps:
+            raise ValueError("a schedule needs at least one (age, mode) step")
+        ages = [age for age, _ in self.steps]
+        if any(a <= 0 for a in ages) or ages != sorted(set(ages)):
+            raise ValueError(f"schedule ages must be positive and strictly ascending, got {ages}")
+        ranks = [FADING_ORDER.index(get_mode(mode).name) for _, mode in self.steps]
+        if ranks != sorted(ranks):
+            raise ValueError(
+                f"schedule modes must fade in the order {', '.join(FADING_ORDER)}, "
+                f"got {[m for _, m in self.steps]}"
+            )
+
+    def level(self, age: float) -> int:
+        """Index into FADING_ORDER for a page of this age; len(FADING_ORDER) means out."""
+        for limit, mode in self.steps:
+            if age < limit:
+                return FADING_ORDER.index(mode)
+        return OUT
+
+
+OUT = len(FADING_ORDER)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What stays text, how pages fade, and the decoder budget they must fit.
+
+    Text window: the last `recent_turns` turns stay text, fewer if they hold more
+    than `recent_tokens` tokens. The context must fit `window` positions with
+    `answer_tokens` reserved for the answer and `overhead` for the prompt's
+    special tokens. Over budget, pages step down no lower than `floor` before the
+    oldest leave.
+    """
+
+    schedule: Schedule = field(default_factory=Schedule)
+    recent_turns: int = 12
+    recent_tokens: int = 1500
+    window: int = 8192
+    answer_tokens: int = 512
+    overhead: int = 8
+    floor: str = "tiny"
+
+    def __post_init__(self) -> None:
+        for name in ("recent_turns", "recent_tokens", "window", "answer_tokens", "overhead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"policy {name} must not be negative, got {getattr(self, name)}")
+        get_mode(self.floor)
+
+    @property
+    def floor_level(self) -> int:
+        return FADING_ORDER.index(self.floor)
+
+    def window_start(self, tokens: Sequence[int]) -> int:
+        """Index of the oldest turn of the text window, given the token count of every turn.
+
+        Non-decreasing as turns are appended, so paging never needs to move back.
+        """
+        start = len(tokens)
+        used = 0
+        while start > 0 and len(tokens) - start < self.recent_turns:
+            if used + tokens[start - 1] > self.recent_tokens:
+                break
+            used += tokens[start - 1]
+            start -= 1
+        return start
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Modes chosen for pages (None: out of the context) and the tokens they cost."""
+
+    modes: list[str | None]
+    vision_tokens: int
+    fits: bool
+
+
+def solve(
+    ages: Sequence[float],
+    costs: Mapping[str, int],
+    fixed_tokens: int,
+    policy: Policy,
+) -> Solution:
+    """Choose a mode for each page, oldest page first in `ages`.
+
+    `costs` gives the vision tokens of one page per mode; `fixed_tokens` is
+    everything else the context holds (text, query, answer reserve, overhead).
+    Deterministic: the same inputs always give the same modes.
+    """
+    cost = [costs[m] for m in FADING_ORDER] + [0]
+    level = [policy.schedule.level(a) for a in ages]
+    deficit = fixed_tokens + sum(cost[lv] for lv in level) - policy.window
+    floor = policy.floor_level
+    i = 0
+    while deficit > 0 and i < len(level):  # step the oldest pages down, to the floor
+        while level[i] < floor and deficit > 0:
+            deficit -= cost[level[i]] - cost[level[i] + 1]
+            level[i] += 1
+        i += 1
+    i = 0
+    while deficit > 0 and i < len(level):  # then the oldest leave
+        if level[i] != OUT:
+            deficit -= cost[level[i]]
+            level[i] = OUT
+        i += 1
+    modes = [FADING_ORDER[lv] if lv != OUT else None for lv in level]
+    return Solution(modes, sum(cost[lv] for lv in level), deficit <= 0)
