@@ -1,0 +1,200 @@
+"""Renderer: chat messages into pages (layout) and pages into images (raster)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from optical_memory.messages import Message, parse_message
+from optical_memory.tokens import TokenCounter, default_counter
+
+from .config import RenderConfig
+from .glyphs import Glyphs, Style
+from .layout import Line, break_paragraph
+from .page import Page, Rule, Span
+from .raster import compose, encode_png, ink_to_image
+
+CODE_FENCE = "```"
+
+
+class TurnTooLongError(ValueError):
+    """A turn longer than RenderConfig.max_turn_chars."""
+
+
+class Renderer:
+    """Lays out and draws pages for one RenderConfig; its faces and glyph caches live here."""
+
+    def __init__(self, config: RenderConfig | None = None, counter: TokenCounter | None = None):
+        self.config = config if config is not None else RenderConfig.for_mode("base")
+        self.counter = counter if counter is not None else default_counter()
+        self.fonts = self.config.resolved_fonts()
+        self.fingerprint = self.config.fingerprint()
+        self.glyphs = Glyphs(self.fonts, self.config.font_size, self.config.tab_size)
+        self._rule_thickness = max(1, round(self.config.font_size / 12))
+
+    def paginate(
+        self,
+        messages: Sequence[Message | Mapping[str, object]],
+        start: tuple[int, int] = (0, 0),
+    ) -> list[Page]:
+        """Pages holding messages[start[0]:], beginning at character start[1] of that turn.
+
+        Every character from `start` on belongs to exactly one page's spans. The
+        last page has `full` False unless it was closed because a line did not fit.
+        """
+        msgs = [parse_message(m, f"message {i}") for i, m in enumerate(messages)]
+        first_turn, first_offset = start
+        if not 0 <= first_turn <= len(msgs):
+            raise ValueError(f"start turn {first_turn} is outside 0..{len(msgs)}")
+        if first_turn < len(msgs) and not 0 <= first_offset <= len(msgs[first_turn].content):
+            raise ValueError(f"start offset {first_offset} is outside turn {first_turn}")
+        pages = _PageBuilder(self, msgs)
+        for turn in range(first_turn, len(msgs)):
+            content = msgs[turn].content
+            if len(content) > self.config.max_turn_chars:
+                raise TurnTooLongError(
+                    f"message {turn} has {len(content):,} characters, more than "
+                    f"max_turn_chars={self.config.max_turn_chars:,} of the render config"
+                )
+            offset = first_offset if turn == first_turn else 0
+            pages.add_turn(turn, offset, self._content_lines(content, offset))
+        return pages.finish()
+
+    def render(self, page: Page) -> Image.Image:
+        """The page as an RGB image of the config's width x height; same page, same pixels."""
+        if page.fingerprint != self.fingerprint:
+            raise ValueError("page was laid out with a different render config or fonts")
+        ink = compose(
+            self.glyphs, page.glyph_x, page.glyph_y, page.glyph_keys, page.rules,
+            page.width, page.height, self._rule_thickness,
+        )
+        return ink_to_image(ink)
+
+    def render_png(self, page: Page) -> bytes:
+        """PNG bytes of render(page): deterministic (no metadata, fixed compression)."""
+        return encode_png(self.render(page))
+
+    def header(self, role: str, continued: bool) -> tuple[Line, int]:
+        """The role label line of a turn and the x (pixels from the margin) where its rule starts."""
+        label = role.upper() + (" (continued)" if continued else "")
+        line = next(break_paragraph(self.glyphs, Style.LABEL, label, 0, 1 << 24))
+        width = 0
+        if len(line.keys):
+            width = (int(line.x[-1]) + self.glyphs.ink(int(line.keys[-1])).advance + 63) // 64
+        return line, width + self.config.font_size // 2
+
+    def _content_lines(self, content: str, offset: int) -> Iterator[tuple[Line, bool]]:
+        """(line, is_code) for content[offset:]; fenced code blocks are set in the mono face."""
+        in_code = sum(_is_fence(p) for p in content[:offset].split("\n")[:-1]) % 2 == 1
+        width = self.config.text_width
+        position = offset
+        paragraphs = content[offset:].split("\n")
+        for i, paragraph in enumerate(paragraphs):
+            last = i == len(paragraphs) - 1
+            if last and not paragraph:
+                break
+            fence = _is_fence(paragraph) if position == 0 or content[position - 1] == "\n" else False
+            style = Style.MONO if in_code or fence else Style.TEXT
+            for line in break_paragraph(self.glyphs, style, paragraph, position, width, not last):
+                yield line, style is Style.MONO
+            in_code ^= fence
+            position += len(paragraph) + 1
+
+
+def _is_fence(paragraph: str) -> bool:
+    return paragraph.lstrip().startswith(CODE_FENCE)
+
+
+class _PageBuilder:
+    """Fills pages row by row: a role label line per turn (again on each page it continues to)."""
+
+    def __init__(self, renderer: Renderer, messages: list[Message]) -> None:
+        self.r = renderer
+        self.cfg = renderer.config
+        self.messages = messages
+        self.pages: list[Page] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.row = 0
+        self.spans: list[list[int]] = []  # [turn, start, end]
+        self.xs: list[np.ndarray] = []
+        self.ys: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
+        self.rules: list[Rule] = []
+        self.missing = 0
+
+    def add_turn(self, turn: int, offset: int, lines: Iterator[tuple[Line, bool]]) -> None:
+        first = next(lines, None)
+        if self.cfg.lines_per_page - self.row < (1 if first is None else 2):
+            self._seal(full=True)
+        self._header(turn, offset, continued=offset > 0)
+        if first is None:
+            return
+        self._place(first[0])
+        for line, _ in lines:
+            if self.row >= self.cfg.lines_per_page:
+                self._seal(full=True)
+                self._header(turn, line.start, continued=True)
+            self._place(line)
+
+    def finish(self) -> list[Page]:
+        if self.spans:
+            self._seal(full=False)
+        return self.pages
+
+    def _baseline(self) -> int:
+        return self.cfg.margin + self.r.glyphs.ascent + self.row * self.cfg.line_height
+
+    def _header(self, turn: int, offset: int, continued: bool) -> None:
+        line, rule_x = self.r.header(self.messages[turn].role, continued)
+        y = self._baseline() - self.r.glyphs.x_height // 2
+        x0, x1 = self.cfg.margin + rule_x, self.cfg.width - self.cfg.margin
+        if x1 > x0:
+            self.rules.append(Rule(y, x0, x1))
+        self._draw(line)
+        self.spans.append([turn, offset, offset])
+
+    def _place(self, line: Line) -> None:
+        self._draw(line)
+        self.missing += line.missing
+        self.spans[-1][2] = line.end
+
+    def _draw(self, line: Line) -> None:
+        self.xs.append((self.cfg.margin + ((line.x + 32) >> 6)).astype(np.int32))
+        self.ys.append(np.full(len(line.keys), self._baseline(), dtype=np.int32))
+        self.keys.append(line.keys)
+        self.row += 1
+
+    def _seal(self, full: bool) -> None:
+        spans = tuple(Span(t, s, e) for t, s, e in self.spans)
+        texts = [(self.messages[s.turn].role, s.start > 0, self.messages[s.turn].content[s.start : s.end]) for s in spans]
+        last = spans[-1]
+        next_start = (
+            (last.turn + 1, 0) if last.end == len(self.messages[last.turn].content) else (last.turn, last.end)
+        )
+        blob = json.dumps([self.r.fingerprint, texts], ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self.pages.append(
+            Page(
+                mode=self.cfg.mode,
+                width=self.cfg.width,
+                height=self.cfg.height,
+                spans=spans,
+                text_tokens=sum(self.r.counter.count(text) for _, _, text in texts),
+                vision_tokens=self.cfg.vision_tokens,
+                full=full,
+                content_hash=hashlib.sha256(blob).hexdigest(),
+                missing_glyphs=self.missing,
+                next_start=next_start,
+                fingerprint=self.r.fingerprint,
+                glyph_x=np.concatenate(self.xs) if self.xs else np.zeros(0, np.int32),
+                glyph_y=np.concatenate(self.ys) if self.ys else np.zeros(0, np.int32),
+                glyph_keys=np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64),
+                rules=tuple(self.rules),
+            )
+        )
+        self._reset()
