@@ -13,8 +13,31 @@ def _not_ready(args: argparse.Namespace) -> int:
 
 # --- render (renderers) -------------------------------------------------------
 def _add_render(sub: argparse._SubParsersAction) -> None:
+    from optical_memory.modes import MODES
+
     p = sub.add_parser("render", help="render a transcript to page PNGs and pages.json")
-    p.set_defaults(handler=_not_ready)
+    p.add_argument("transcript", help="JSONL file of messages, JSON array of messages, or - for stdin")
+    p.add_argument("--out", required=True, help="directory for page-NNNN.png and pages.json")
+    p.add_argument("--mode", choices=list(MODES), default="gundam", help="page geometry (default: gundam)")
+    p.set_defaults(handler=_render)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from optical_memory.messages import MessageError, load_transcript
+    from renderers import FontNotFoundError, RenderConfig, Renderer, TurnTooLongError
+    from renderers.export import write_pages
+
+    try:
+        messages = load_transcript(args.transcript)
+        renderer = Renderer(RenderConfig.for_mode(args.mode))
+        pages = renderer.paginate(messages)
+    except (MessageError, FontNotFoundError, TurnTooLongError) as exc:
+        print(f"optical-memory render: {exc}", file=sys.stderr)
+        return 1
+    manifest = write_pages(renderer, pages, args.out)
+    tokens = sum(p["text_tokens"] for p in manifest["pages"])
+    print(f"{len(pages)} pages ({args.mode}, {tokens} text tokens) -> {args.out}")
+    return 0
 
 
 # --- check-checkpoint (encoder) ----------------------------------------------
