@@ -154,15 +154,13 @@ def write_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     lang = dict(lang or TINY_DECODER)
     config: dict[str, Any] = {"model_type": "deepseek_vl_v2", "language_config": lang, **lang}
-    tensors = decoder_tensors(lang, seed)
-    if encoder:
-        from tests.tiny_encoder import tiny_encoder_checkpoint
-
-        enc_config, enc_tensors = tiny_encoder_checkpoint(hidden_size=lang["hidden_size"], seed=seed + 1)
-        config.update(enc_config)
-        tensors.update(enc_tensors)
     (path / "config.json").write_text(json.dumps(config, indent=1))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    tensors = decoder_tensors(lang, seed)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "decoder.safetensors"))
+    if encoder:
+        from tests.tiny_encoder import write_tiny_encoder
+
+        write_tiny_encoder(path, seed=seed + 1, hidden_size=lang["hidden_size"], filename="encoder.safetensors")
     if tokenizer:
         write_tokenizer(path, lang["vocab_size"], image_token_id)
     return path

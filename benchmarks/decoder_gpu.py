@@ -1,0 +1,242 @@
+"""Decoder cost on a GPU: prefill, KV cache and decode of an optical context vs plain text.
+
+Full-size DeepSeek-3B-MoE decoder (official shapes), random weights, bf16.
+Measured in one run, so ratios compare like with like:
+
+- the bf16 matmul peak of this GPU (8192^3 GEMM), for the fraction of peak;
+- prefill of 8192 tokens with transformers' own DeepSeek-OCR-2 text model as it
+  comes (its default experts implementation), the baseline, and with the expert
+  implementation this project uses;
+- prefill latency and KV-cache bytes of an optical context (N Base pages of 273
+  vision tokens + text turns) and of the same conversation kept as plain text
+  (pages x text tokens per page + the same turns), the latter past the 8192
+  window only as a cost figure;
+- decode tokens/s at batch 1 and 8 after that optical context.
+
+    python benchmarks/decoder_gpu.py --out benchmarks/results/decoder_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
+from optical_memory.modes import get_mode
+
+ACTIVE_PARAMS_NOTE = "embedding lookup excluded; LM head on the last position only"
+
+
+DEVICE = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of `fn` in milliseconds, CUDA-synchronised."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    ms = timed(lambda: a @ b, warmup=3, iters=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def prefill_flops(cfg: DecoderConfig, seq: int) -> float:
+    """Matmul FLOPs of one prefill of `seq` tokens (active experts only, causal attention)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    attn_proj = 4 * h * h  # q, k, v, o (plain MHA, head_dim * heads == hidden)
+    n_dense = cfg.first_k_dense_replace
+    dense_mlp = 3 * h * cfg.intermediate_size
+    moe_mlp = 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    router = h * cfg.n_routed_experts
+    per_token = layers * attn_proj + n_dense * dense_mlp + (layers - n_dense) * (moe_mlp + router)
+    attention = layers * 2 * 2 * h * seq * seq / 2  # QK^T and PV, causal half
+    lm_head = 2 * h * cfg.vocab_size  # last position only
+    return 2 * per_token * seq + attention + lm_head
+
+
+def active_params(cfg: DecoderConfig) -> int:
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    n_dense = cfg.first_k_dense_replace
+    moe = 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    return (
+        layers * 4 * h * h
+        + n_dense * 3 * h * cfg.intermediate_size
+        + (layers - n_dense) * (moe + h * cfg.n_routed_experts)
+        + h * cfg.vocab_size
+    )
+
+
+def build(cfg: DecoderConfig, experts: str | None) -> DeepseekOCRDecoder:
+    with DEVICE:
+        dec = DeepseekOCRDecoder(cfg, "sdpa", experts)
+    return dec.to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def prefill_ms(dec: DeepseekOCRDecoder, seq: int, batch: int = 1) -> float:
+    emb = torch.randn(batch, seq, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    return timed(lambda: dec(emb, past_key_values=dec.new_cache(), logits_to_keep=1))
+
+
+@torch.no_grad()
+def text_model_prefill_ms(dec: DeepseekOCRDecoder, seq: int) -> float:
+    """transformers' text model alone (no LM head), as the published baseline was measured."""
+    ids = torch.randint(0, dec.config.vocab_size, (1, seq), device=DEVICE)
+    return timed(lambda: dec.model(input_ids=ids, use_cache=False))
+
+
+@torch.no_grad()
+def decode_tokens_per_s(dec: DeepseekOCRDecoder, context: int, batch: int, steps: int = 64) -> float:
+    emb = torch.randn(batch, context, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+
+    def run() -> None:
+        cache = dec.new_cache()
+        logits = dec(emb, past_key_values=cache, logits_to_keep=1)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            pos = torch.full((batch, 1), context + i, device=DEVICE, dtype=torch.long)
+            logits = dec(dec.embed_tokens(token), position_ids=pos, past_key_values=cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+
+    total = timed(run, warmup=1, iters=3)
+    only_prefill = timed(lambda: dec(emb, past_key_values=dec.new_cache(), logits_to_keep=1), 1, 3)
+    return batch * steps / ((total - only_prefill) * 1e-3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/decoder_gpu.json")
+    ap.add_argument("--pages", type=int, default=20, help="Base pages in the optical context")
+    ap.add_argument("--turns", type=int, default=10, help="recent text turns kept as text")
+    ap.add_argument("--tokens-per-turn", type=int, default=60)
+    ap.add_argument(
+        "--text-tokens-per-page",
+        type=int,
+        default=2560,
+        help="text tokens a Base page holds (default: 10x its 256 grid tokens, the ratio at which "
+        "the DeepSeek-OCR paper reports ~97%% precision)",
+    )
+    ap.add_argument("--experts", nargs="+", default=["eager", "grouped_mm"])
+    ap.add_argument(
+        "--small", action="store_true", help="a reduced decoder on any device: checks the script only"
+    )
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prefill-len", type=int, default=8192)
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("decoder_gpu.py: CUDA is not available")
+    cfg = DecoderConfig()
+    if args.small:
+        cfg = DecoderConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+            num_experts_per_tok=2,
+        )
+    base = get_mode("base").vision_tokens()
+    text_turns = args.turns * args.tokens_per_turn
+    optical_len = 1 + args.pages * base + text_turns
+    plain_len = 1 + args.pages * args.text_tokens_per_page + text_turns
+    result: dict = {
+        "machine": torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "decoder": cfg.to_dict(),
+        "active_params": active_params(cfg),
+        "active_params_note": ACTIVE_PARAMS_NOTE,
+        "matmul_peak_tflops": matmul_peak_tflops(512 if args.small else 8192),
+    }
+    print(json.dumps(result, indent=1), flush=True)
+
+    # Baseline: transformers' own text model with its default experts implementation.
+    dec = build(cfg, None)
+    default_impl = dec.model.config._experts_implementation
+    result["baseline"] = {
+        "what": "transformers DeepseekOcr2TextModel, default experts implementation, SDPA, "
+        "input_ids, no LM head",
+        "experts_implementation": default_impl,
+        "prefill_len": args.prefill_len,
+        "prefill_ms": text_model_prefill_ms(dec, args.prefill_len),
+        "prefill_1024_ms": text_model_prefill_ms(dec, 1024),
+    }
+    print(json.dumps(result["baseline"]), flush=True)
+
+    runs = {}
+    for impl in args.experts:
+        dec.model.config._experts_implementation = impl
+        r: dict = {"prefill_ms": prefill_ms(dec, args.prefill_len), "prefill_1024_ms": prefill_ms(dec, 1024)}
+        r["prefill_tflops"] = prefill_flops(cfg, args.prefill_len) / (r["prefill_ms"] * 1e-3) / 1e12
+        r["fraction_of_matmul_peak"] = r["prefill_tflops"] / result["matmul_peak_tflops"]
+        r["optical_prefill_ms"] = prefill_ms(dec, optical_len)
+        r["decode_tokens_per_s"] = {
+            str(b): decode_tokens_per_s(dec, optical_len, b) for b in (1, 8)
+        }
+        runs[impl] = r
+        print(impl, json.dumps(r), flush=True)
+    best = min(runs, key=lambda k: runs[k]["prefill_ms"])
+    dec.model.config._experts_implementation = best
+    plain_ms = prefill_ms(dec, plain_len) if plain_len <= 65536 else None
+    result["experts"] = runs
+    result["chosen_experts_implementation"] = best
+    result["ratio_baseline_over_ours_prefill"] = result["baseline"]["prefill_ms"] / runs[best]["prefill_ms"]
+    per_token = cfg.kv_cache_bytes_per_token(torch.bfloat16)
+    result["conversation"] = {
+        "pages": args.pages,
+        "page_mode": "base",
+        "vision_tokens_per_page": base,
+        "text_turns": args.turns,
+        "tokens_per_turn": args.tokens_per_turn,
+        "text_tokens_per_page": args.text_tokens_per_page,
+        "optical": {
+            "positions": optical_len,
+            "fits_window": optical_len <= cfg.max_position_embeddings,
+            "prefill_ms": runs[best]["optical_prefill_ms"],
+            "kv_cache_bytes": optical_len * per_token,
+        },
+        "plain_text": {
+            "positions": plain_len,
+            "fits_window": plain_len <= cfg.max_position_embeddings,
+            "prefill_ms": plain_ms,
+            "kv_cache_bytes": plain_len * per_token,
+            "note": "past the 8192 window the model cannot read it; measured for cost only",
+        },
+    }
+    if plain_ms is not None:
+        result["conversation"]["prefill_ratio_plain_over_optical"] = plain_ms / runs[best]["optical_prefill_ms"]
+    result["conversation"]["kv_ratio_plain_over_optical"] = plain_len / optical_len
+    print(json.dumps(result["conversation"], indent=1), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
