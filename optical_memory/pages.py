@@ -1,0 +1,154 @@
+"""Pages of a session: turns that left the text window, grouped into immutable page records.
+
+Pagination continues from the end of the last sealed page over the turns older
+than the text window. A page is sealed (stored) only when full, that is closed
+because its next line did not fit: greedy layout then guarantees that later
+turns cannot change it, so no sealed boundary ever moves and cached renders and
+embeddings stay valid. The trailing page that still has room is the session's
+open page: it is in the context like the others but rebuilt as turns arrive.
+
+Sealing is a compare-and-set on the store's page count, so concurrent writers
+agree: both compute the same pages, one stores them, the other reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+
+from optical_memory.stores.base import Store, Turn
+from renderers import Page, Renderer
+
+
+class PageDriftError(RuntimeError):
+    """A sealed page no longer lays out the same: the render configuration changed."""
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """A page as stored: which characters of which turns it holds, and what it costs.
+
+    `start` and `end` are (turn, character) positions; `end` is where the next
+    page begins. `newest_time` is the creation time of the page's newest turn,
+    for wall-clock ages.
+    """
+
+    index: int
+    start: tuple[int, int]
+    end: tuple[int, int]
+    first_turn: int
+    last_turn: int
+    content_hash: str
+    fingerprint: str
+    width: int
+    height: int
+    text_tokens: int
+    newest_time: float
+    sealed: bool = True
+
+    @property
+    def turns(self) -> int:
+        return self.last_turn - self.first_turn + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PageRecord:
+        data = dict(data)
+        data["start"], data["end"] = tuple(data["start"]), tuple(data["end"])
+        return cls(**data)
+
+
+def _record(page: Page, index: int, offset: int, laid_out: Sequence[Turn]) -> PageRecord:
+    """A record for `page`, laid out from `laid_out`, the turns from index `offset` on."""
+    first, last = offset + page.first_turn, offset + page.last_turn
+    start = (first, page.spans[0].start)
+    end = (offset + page.next_start[0], page.next_start[1])
+    return PageRecord(
+        index=index,
+        start=start,
+        end=end,
+        first_turn=first,
+        last_turn=last,
+        content_hash=page.content_hash,
+        fingerprint=page.fingerprint,
+        width=page.width,
+        height=page.height,
+        text_tokens=page.text_tokens,
+        newest_time=laid_out[page.last_turn].created,
+        sealed=page.full,
+    )
+
+
+class Pager:
+    """Pages the sessions of one store with one renderer."""
+
+    def __init__(self, store: Store, renderer: Renderer):
+        self.store = store
+        self.renderer = renderer
+        # Per session: (pages end, window start, open page). Pure layout, recomputable.
+        self._open: dict[str, tuple[tuple[int, int], int, PageRecord | None]] = {}
+
+    def sealed(self, session_id: str) -> list[PageRecord]:
+        records = [PageRecord.from_json(r) for r in self.store.pages(session_id)]
+        if records and records[-1].fingerprint != self.renderer.fingerprint:
+            raise PageDriftError(
+                f"session {session_id!r} was paged with render configuration "
+                f"{records[-1].fingerprint[:12]}, this memory renders with "
+                f"{self.renderer.fingerprint[:12]}: use the same configuration for this session"
+            )
+        return records
+
+    def sync(
+        self, session_id: str, window_start: int, turns: Sequence[Turn] | None = None
+    ) -> tuple[list[PageRecord], PageRecord | None]:
+        """Seal every full page older than `window_start`; return the sealed pages and the open one.
+
+        `turns` may be passed when the caller already holds the whole turn log.
+        """
+        while True:
+            records = self.sealed(session_id)
+            end = records[-1].end if records else (0, 0)
+            if end[0] >= window_start:
+                return records, None
+            memo = self._open.get(session_id)
+            if memo is not None and memo[:2] == (end, window_start):
+                return records, memo[2]
+            older = (
+                list(turns[end[0] : window_start])
+                if turns is not None
+                else self.store.turns(session_id, end[0], window_start)
+            )
+            laid = self.renderer.paginate([t.to_message() for t in older], start=(0, end[1]))
+            fresh = [_record(page, len(records) + i, end[0], older) for i, page in enumerate(laid)]
+            full = [r for r in fresh if r.sealed]
+            open_page = next((r for r in fresh if not r.sealed), None)
+            if not full:
+                self._open[session_id] = (end, window_start, open_page)
+                return records, open_page
+            if self.store.add_pages(
+                session_id, len(records), [r.to_json() for r in full], cursor=window_start
+            ):
+                self._open[session_id] = (full[-1].end, window_start, open_page)
+                return records + full, open_page
+            # another writer sealed pages first: read theirs and continue from there
+
+    def forget(self, session_id: str) -> None:
+        """Drop what this pager remembers of a session (after the session is deleted)."""
+        self._open.pop(session_id, None)
+
+    def image(self, session_id: str, record: PageRecord) -> Image.Image:
+        """Render a page again from its turns; the layout must match the record."""
+        turns = self.store.turns(session_id, record.first_turn, record.last_turn + 1)
+        laid = self.renderer.paginate([t.to_message() for t in turns], start=(0, record.start[1]))
+        if not laid or laid[0].content_hash != record.content_hash:
+            raise PageDriftError(
+                f"page {record.index} of session {session_id!r} no longer lays out the same "
+                "(render configuration or fonts changed)"
+            )
+        return self.renderer.render(laid[0])
+
