@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from optical_memory.model.checkpoint import safetensors_files
 from optical_memory.model.context import (
     ContextAssembler,
     DecoderInputs,
@@ -24,6 +25,7 @@ from optical_memory.model.decoder import (
     build_decoder,
     convert_state_dict,
 )
+from optical_memory.model.encoder import load_encoder
 from optical_memory.model.generation import GenerationConfig, generate_ids
 from optical_memory.model.tokenizer import OCRTokenizer
 
@@ -42,7 +44,9 @@ def resolve_device_dtype(
 ) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA in bfloat16 when available, else CPU in float32. Bad values raise ValueError."""
     try:
-        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"invalid device {device!r}: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -60,7 +64,7 @@ def resolve_device_dtype(
 
 def _decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every decoder tensor in the directory's safetensors files."""
-    files = sorted(path.glob("*.safetensors"))
+    files = safetensors_files(path)
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
     for file in files:
@@ -86,7 +90,9 @@ def load_decoder(
     config = DecoderConfig.from_checkpoint_config(json.loads(config_file.read_text()))
     tensors = convert_state_dict(_decoder_tensors(path), config, device=dev, dtype=dt)
     if not tensors:
-        raise ValueError(f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)")
+        raise ValueError(
+            f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)"
+        )
     return build_decoder(
         config, tensors, device=dev, dtype=dt, experts_implementation=experts_implementation
     )
@@ -215,8 +221,6 @@ def load_model(
     bf16 on CUDA and float32 on CPU by default. A directory lacking the decoder
     or the tokenizer raises an error naming what is missing.
     """
-    from optical_memory.model.checkpoint import load_encoder
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
