@@ -91,3 +91,15 @@ def test_gundam_batch_mixes_tiled_and_untiled_pages(encoder):
 def test_unknown_mode_names_valid_ones(encoder):
     with pytest.raises(ValueError, match="valid modes"):
         encoder.encode(page(100, 100), "ultra")
+
+
+def test_folded_relative_positions_equal_the_bias_attention(tmp_path):
+    write_tiny_encoder(tmp_path, seed=5)
+    folded = load_encoder(tmp_path, sam_attention="folded")
+    bias = load_encoder(tmp_path, sam_attention="bias")
+    image = page(900, 700)
+    torch.testing.assert_close(
+        folded.encode(image, "base"), bias.encode(image, "base"), rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="valid: folded, bias"):
+        load_encoder(tmp_path, sam_attention="flash")

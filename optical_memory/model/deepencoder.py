@@ -29,6 +29,9 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from optical_memory.model.config import ClipConfig, EncoderConfig, SamConfig
+from optical_memory.model.sam_attention import use_folded_rel_pos_attention
+
+SAM_ATTENTION = ("folded", "bias")
 
 
 def clip_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -42,7 +45,10 @@ def clip_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def build_sam(config: SamConfig) -> DeepseekOcr2SamVisionEncoder:
+def build_sam(config: SamConfig, attention: str = "folded") -> DeepseekOcr2SamVisionEncoder:
+    """transformers' SAM encoder; `attention="folded"` swaps its global layers to `FoldedRelPosAttention`."""
+    if attention not in SAM_ATTENTION:
+        raise ValueError(f"unknown SAM attention {attention!r}; valid: {', '.join(SAM_ATTENTION)}")
     hf_config = DeepseekOcr2SamVisionConfig(
         hidden_size=config.width,
         output_channels=config.out_channels,
@@ -57,7 +63,10 @@ def build_sam(config: SamConfig) -> DeepseekOcr2SamVisionEncoder:
         downsample_channels=list(config.downsample_channels),
     )
     hf_config._attn_implementation = "sdpa"
-    return DeepseekOcr2SamVisionEncoder(hf_config)
+    sam = DeepseekOcr2SamVisionEncoder(hf_config)
+    if attention == "folded":
+        use_folded_rel_pos_attention(sam)
+    return sam
 
 
 class ClipTrunk(nn.Module):
@@ -128,11 +137,16 @@ class LinearProjector(nn.Module):
 class DeepEncoder(nn.Module):
     """The vision tower of DeepSeek-OCR; module names mirror `model.*` of the checkpoint."""
 
-    def __init__(self, config: EncoderConfig, clip_attn_implementation: str = "sdpa") -> None:
+    def __init__(
+        self,
+        config: EncoderConfig,
+        clip_attn_implementation: str = "sdpa",
+        sam_attention: str = "folded",
+    ) -> None:
         super().__init__()
         self.config = config
         n_embed = config.projector.n_embed
-        self.sam_model = build_sam(config.sam)
+        self.sam_model = build_sam(config.sam, sam_attention)
         self.vision_model = ClipTrunk(config.clip, clip_attn_implementation)
         self.projector = LinearProjector(config.projector.input_dim, n_embed)
         self.image_newline = nn.Parameter(torch.randn(n_embed) / math.sqrt(n_embed))

@@ -32,15 +32,17 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, torch.Size]:
 def random_encoder_tensors(
     config: EncoderConfig, seed: int = 0, std: float = 0.02
 ) -> dict[str, torch.Tensor]:
-    """Random fp32 encoder weights under the official names (norm weights near 1, rest ~ N(0, std)).
+    """Random fp32 encoder weights under the official names, for tests and benchmarks.
 
-    For tests and benchmarks: every tensor is random, relative positions and
-    position embeddings included, so a wrong mapping cannot hide behind zeros.
+    Norm weights are near 1, position tables (absolute, relative, CLIP) ~ N(0, 0.5)
+    so that a wrong position mapping shows, the rest ~ N(0, std). Every tensor is
+    random: nothing can hide behind zeros.
     """
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in sorted(ckpt.expected_shapes(encoder_shapes(config)).items()):
-        t = torch.randn(shape, generator=generator) * std
+        scale = 0.5 if re.search(r"pos|class_embedding", name) else std
+        t = torch.randn(shape, generator=generator) * scale
         if re.search(r"(norm\d?|neck\.[13]|layer_norm\d|pre_layrnorm)\.weight$", name):
             t += 1.0
         out[name] = t
@@ -80,11 +82,13 @@ class Encoder:
         tensors: dict[str, torch.Tensor],
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        sam_attention: str = "folded",
     ) -> Encoder:
         """Build from official-named tensors (already checked against `config`)."""
         device, dtype = resolve_device_dtype(device, dtype)
         with torch.device("meta"):
-            model = DeepEncoder(config, clip_attn_implementation(device, dtype))
+            model = DeepEncoder(config, clip_attn_implementation(device, dtype), sam_attention)
         names = list(model.state_dict())
         state = {
             k: v.to(device=device, dtype=dtype) for k, v in ckpt.to_internal(tensors, names).items()
@@ -142,13 +146,19 @@ def resolve_device_dtype(
 
 
 def load_encoder(
-    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    sam_attention: str = "folded",
 ) -> Encoder:
     """Load DeepEncoder from a checkpoint directory (config.json + *.safetensors, official names).
 
     Works with the full DeepSeek-OCR checkpoint and with a directory holding only
     the encoder tensors. Missing, unexpected or mis-shaped encoder tensors raise
-    one CheckpointError listing all of them.
+    one CheckpointError listing all of them. `sam_attention`: "folded" (default;
+    relative positions folded into the query-key product, no [L, L] bias) or
+    "bias" (transformers' SAM attention as is); both compute the same attention.
     """
     directory = Path(path)
     config_path = directory / "config.json"
@@ -165,4 +175,4 @@ def load_encoder(
             f"{directory}: encoder tensors do not match config.json\n{problems.describe()}"
         )
     tensors = ckpt.read_tensors(locations, sorted(expected))
-    return Encoder.from_tensors(config, tensors, device, dtype)
+    return Encoder.from_tensors(config, tensors, device, dtype, sam_attention=sam_attention)

@@ -1,0 +1,273 @@
+"""DeepEncoder throughput on a GPU: pages/s per mode and batch size, against the reference, same run.
+
+Full-size encoder, random weights, bf16. For each mode and batch size: pages/s
+of `Encoder.encode_views` (uint8 upload, normalisation, forward, token layout;
+the CPU-side PIL preprocessing is timed separately), the FLOPs per page we
+count, the fraction of the bf16 matmul peak measured in the same run, and peak
+GPU memory. The reference DeepEncoder modules (SAM, CLIP, projector from the
+directory given with --reference) are fed the same batches of normalised views
+in bf16 - the most favourable way to run them - and timed the same way.
+
+    python benchmarks/encoder_gpu.py --reference .reference/encoder \
+        --out benchmarks/results/encoder_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image, ImageDraw
+
+from optical_memory.model import Encoder, EncoderConfig, make_views, random_encoder_tensors
+from optical_memory.model.config import SamConfig
+from optical_memory.model.preprocess import Views, normalize
+from optical_memory.modes import MODES, get_mode
+
+# a page size per mode; Gundam's 1280x1280 page gets a 2x2 grid of 640 tiles (693 tokens)
+PAGE_SIZES = {name: (1024, 1280) for name in MODES} | {"gundam": (1280, 1280)}
+
+
+def sam_flops(sam: SamConfig, side: int) -> float:
+    """Multiply-add FLOPs (x2) of SAM + neck + the two stride-2 convs on a side x side view."""
+    g = side // sam.patch_size
+    n, c = g * g, sam.width
+    head = c // sam.heads
+    linear = 2 * n * c * c * (3 + 1 + 2 * sam.mlp_ratio) * sam.layers
+    windows = math.ceil(g / sam.window_size) ** 2
+    w2 = sam.window_size**2
+    n_global = len(sam.global_attn_indexes)
+    attention = 4 * n * n * c * n_global + 4 * windows * w2 * w2 * c * (sam.layers - n_global)
+    rel_pos = (
+        2 * n * 2 * g * head * sam.heads * n_global
+        + 2 * windows * w2 * 2 * sam.window_size * c * (sam.layers - n_global)
+    )
+    patch = 2 * n * 3 * sam.patch_size**2 * c
+    neck = 2 * n * c * sam.out_channels + 2 * n * sam.out_channels**2 * 9
+    c1, c2 = sam.downsample_channels
+    convs = 2 * (n // 4) * sam.out_channels * 9 * c1 + 2 * (n // 16) * c1 * 9 * c2
+    return linear + attention + rel_pos + patch + neck + convs
+
+
+def view_flops(config: EncoderConfig, side: int) -> float:
+    """FLOPs of one view through SAM, CLIP and the projector."""
+    clip = config.clip
+    tokens = (side // 64) ** 2
+    t = tokens + 1
+    clip_flops = clip.layers * (
+        2 * t * (4 * clip.width**2 + 2 * clip.width * clip.intermediate_size)
+    )
+    clip_flops += clip.layers * 4 * t * t * clip.width
+    projector = 2 * tokens * config.projector.input_dim * config.projector.n_embed
+    return sam_flops(config.sam, side) + clip_flops + projector
+
+
+def page_flops(config: EncoderConfig, mode_name: str) -> float:
+    mode = get_mode(mode_name)
+    across, down = mode.tile_grid(*PAGE_SIZES[mode_name])
+    tiles = across * down if (across, down) != (1, 1) else 0
+    return view_flops(config, mode.base_size) + tiles * view_flops(config, mode.tile_size)
+
+
+def test_page(width: int, height: int) -> Image.Image:
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for y in range(16, height - 16, 20):
+        draw.text(
+            (24, y), f"{y:05d} the quick brown fox jumps over the lazy dog " * 3, fill="black"
+        )
+    return image
+
+
+def timed(fn: Callable[[], object], min_seconds: float, min_iters: int = 3) -> float:
+    """Seconds per call, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - start < min_seconds:
+        fn()
+        n += 1
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def matmul_peak(min_seconds: float) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    seconds = timed(lambda: a @ b, min_seconds, min_iters=20)
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def measure(fn: Callable[[], object], batch: int, min_seconds: float) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        seconds = timed(fn, min_seconds)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"oom": True}
+    return {
+        "pages_per_s": batch / seconds,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "activation_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+    }
+
+
+def reference_forward(ref_dir: Path, tensors: dict[str, torch.Tensor]) -> Callable:
+    """The reference SAM, CLIP and projector with our random weights, bf16 on the GPU."""
+    sys.path.insert(0, str(ref_dir))
+    import deepencoder
+
+    sam = deepencoder.build_sam_vit_b()
+    clip = deepencoder.build_clip_l()
+    projector = deepencoder.MlpProjector(
+        deepencoder.adict(projector_type="linear", input_dim=2048, n_embed=1280)
+    )
+    for prefix, module in (
+        ("model.sam_model.", sam),
+        ("model.vision_model.", clip),
+        ("model.projector.", projector),
+    ):
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False
+        )
+        module.to("cuda", torch.bfloat16).eval()
+
+    @torch.inference_mode()
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        features_1 = sam(pixels)
+        features_2 = clip(pixels, features_1)
+        features = torch.cat((features_2[:, 1:], features_1.flatten(2).permute(0, 2, 1)), dim=-1)
+        return projector(features)
+
+    return forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--reference", type=Path, help="directory holding the reference deepencoder.py"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoder_gpu.json"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--sam-attention", nargs="+", default=["folded", "bias"])
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("encoder_gpu.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    config = EncoderConfig()
+    peak = matmul_peak(args.min_seconds)
+    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+    tensors = random_encoder_tensors(config)
+    host_views = {m: make_views(test_page(*PAGE_SIZES[m]), m) for m in args.modes}
+    # views already on the GPU as uint8, like the reference's pixels: the model is measured,
+    # not the host-to-device copy (timed once separately, "host views" rows)
+    views = {
+        m: Views(v.global_view.cuda(), v.tiles.cuda(), v.tile_grid) for m, v in host_views.items()
+    }
+
+    preprocess = {}
+    for mode in args.modes:
+        page = test_page(*PAGE_SIZES[mode])
+        start, n = time.perf_counter(), 5
+        for _ in range(n):
+            make_views(page, mode)
+        preprocess[mode] = n / (time.perf_counter() - start)
+
+    rows = []
+    for variant in args.sam_attention:
+        encoder = Encoder.from_tensors(
+            config, tensors, "cuda", torch.bfloat16, sam_attention=variant
+        )
+        for mode in args.modes:
+            for batch in args.batches:
+                batch_views = [views[mode]] * batch
+                result = measure(
+                    partial(encoder.encode_views, batch_views), batch, args.min_seconds
+                )
+                rows.append({"impl": f"ours ({variant})", "mode": mode, "batch": batch, **result})
+                print(json.dumps(rows[-1]), flush=True)
+            if variant == args.sam_attention[0]:
+                batch = max(args.batches)
+                batch_views = [host_views[mode]] * batch
+                result = measure(
+                    partial(encoder.encode_views, batch_views), batch, args.min_seconds
+                )
+                rows.append(
+                    {
+                        "impl": f"ours ({variant}), host views",
+                        "mode": mode,
+                        "batch": batch,
+                        **result,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+        del encoder
+        torch.cuda.empty_cache()
+
+    if args.reference:
+        forward = reference_forward(args.reference, tensors)
+        for mode in args.modes:
+            v = views[mode]
+            for batch in args.batches:
+                pixels = normalize(v.global_view.cuda(), torch.bfloat16)
+                pixels = pixels.expand(batch, -1, -1, -1).contiguous()
+                tiles = None
+                if v.tiles.shape[0]:
+                    tiles = normalize(v.tiles.cuda(), torch.bfloat16).repeat(batch, 1, 1, 1)
+
+                def run(pixels=pixels, tiles=tiles):
+                    out = forward(pixels)
+                    return out if tiles is None else (out, forward(tiles))
+
+                result = measure(run, batch, args.min_seconds)
+                rows.append({"impl": "reference", "mode": mode, "batch": batch, **result})
+                print(json.dumps(rows[-1]), flush=True)
+
+    for row in rows:
+        row["gflop_per_page"] = page_flops(config, row["mode"]) / 1e9
+        if "pages_per_s" in row:
+            tflops = row["pages_per_s"] * row["gflop_per_page"] / 1e3
+            row["tflop_per_s"] = tflops
+            row["fraction_of_peak"] = tflops / peak
+    reference = {(r["mode"], r["batch"]): r for r in rows if r["impl"] == "reference"}
+    for row in rows:
+        ref = reference.get((row["mode"], row["batch"]))
+        if row["impl"] != "reference" and ref and "pages_per_s" in ref and "pages_per_s" in row:
+            row["speedup_vs_reference"] = row["pages_per_s"] / ref["pages_per_s"]
+
+    result = {
+        "what": "DeepEncoder pages/s, full size, random weights, bf16; reference measured in the same run",
+        "command": "python " + " ".join(sys.argv),
+        "machine": {
+            "gpu": torch.cuda.get_device_name(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "bf16_matmul_peak_tflops": peak,
+        "page_sizes": {m: list(PAGE_SIZES[m]) for m in args.modes},
+        "cpu_preprocess_pages_per_s_one_thread": preprocess,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("->", args.out)
+
+
+if __name__ == "__main__":
+    main()
