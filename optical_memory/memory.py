@@ -417,11 +417,21 @@ class OpticalMemory:
         tokens = [self.counter.count(f"{t.role}: {t.content}") for t in recent]
         return count - len(recent) + self.policy.window_start(tokens), recent
 
-    def pages(self, session_id: str) -> list[PageRecord]:
-        """Seal the pages that are due; all pages of the session, the open one last."""
+    def pages(self, session_id: str, progress: bool = False) -> list[PageRecord]:
+        """Seal the pages that are due; all pages of the session, the open one last.
+
+        With `progress`, sealing goes in steps of 50 turns under a progress bar (the
+        pages are the same: a full page does not depend on the turns after it).
+        """
         count = self._require(session_id)
         start, _ = self._window_start(session_id, count)
-        sealed, open_page = self.pager.sync(session_id, start)
+        done = min(start, self.store.info(session_id).cursor) if progress else start
+        with tqdm(total=start - done, desc="paging", unit="turn", disable=start - done < 100) as bar:
+            for stop in range(done + 50, start, 50):
+                self.pager.sync(session_id, stop)
+                bar.update(50)
+            sealed, open_page = self.pager.sync(session_id, start)
+            bar.update(bar.total - bar.n)
         return sealed + ([open_page] if open_page else [])
 
     def plan(self, session_id: str, query: str | None = None, budget: int | None = None) -> Plan:
@@ -448,7 +458,7 @@ class OpticalMemory:
             ages = [max(0.0, now - r.newest_time) for r in records]
         fixed = text_tokens + query_tokens + self.policy.answer_tokens + self.policy.overhead
         policy = replace(self.policy, window=window)
-        solution = solve(ages, costs, fixed, policy)
+        solution = solve(ages, [r.text_tokens for r in records], costs, fixed, policy)
         pages = [
             PagePlan(
                 r.index, r.first_turn, r.last_turn, r.sealed, r.text_tokens, age, mode,

@@ -70,7 +70,9 @@ class Policy:
     than `recent_tokens` tokens. The context must fit `window` positions with
     `answer_tokens` reserved for the answer and `overhead` for the prompt's
     special tokens. Over budget, pages step down no lower than `floor` before the
-    oldest leave.
+    oldest leave. A page is never given a mode that costs more than its text
+    tokens divided by `min_compression` (above the floor; 0 turns this off): a
+    sharper mode than that spends more positions than the plain text would.
     """
 
     schedule: Schedule = field(default_factory=Schedule)
@@ -80,9 +82,12 @@ class Policy:
     answer_tokens: int = 512
     overhead: int = 8
     floor: str = "tiny"
+    min_compression: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("recent_turns", "recent_tokens", "window", "answer_tokens", "overhead"):
+        for name in (
+            "recent_turns", "recent_tokens", "window", "answer_tokens", "overhead", "min_compression"
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"policy {name} must not be negative, got {getattr(self, name)}")
         get_mode(self.floor)
@@ -117,20 +122,26 @@ class Solution:
 
 def solve(
     ages: Sequence[float],
+    text_tokens: Sequence[int],
     costs: Mapping[str, int],
     fixed_tokens: int,
     policy: Policy,
 ) -> Solution:
     """Choose a mode for each page, oldest page first in `ages`.
 
-    `costs` gives the vision tokens of one page per mode; `fixed_tokens` is
-    everything else the context holds (text, query, answer reserve, overhead).
-    Deterministic: the same inputs always give the same modes.
+    `text_tokens` are the pages' text sizes; `costs` gives the vision tokens of
+    one page per mode; `fixed_tokens` is everything else the context holds (text,
+    query, answer reserve, overhead). Deterministic: the same inputs always give
+    the same modes.
     """
     cost = [costs[m] for m in FADING_ORDER] + [0]
-    level = [policy.schedule.level(a) for a in ages]
-    deficit = fixed_tokens + sum(cost[lv] for lv in level) - policy.window
     floor = policy.floor_level
+    level = [policy.schedule.level(a) for a in ages]
+    if policy.min_compression > 0:
+        for i, text in enumerate(text_tokens):
+            while level[i] < floor and cost[level[i]] * policy.min_compression > text:
+                level[i] += 1
+    deficit = fixed_tokens + sum(cost[lv] for lv in level) - policy.window
     i = 0
     while deficit > 0 and i < len(level):  # step the oldest pages down, to the floor
         while level[i] < floor and deficit > 0:

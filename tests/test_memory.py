@@ -146,6 +146,7 @@ def test_older_pages_fade_by_schedule(store):
         recent_turns=4,
         recent_tokens=400,
         window=100_000,
+        min_compression=0,
     )
     mem = OpticalMemory(store, policy=policy)
     mem.extend("s", conversation(200))
