@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optical_memory.memory import OpticalMemory
 
 
 def _not_ready(args: argparse.Namespace) -> int:
@@ -66,16 +70,119 @@ def _add_ocr(sub: argparse._SubParsersAction) -> None:
 
 
 # --- memory commands: demo, ingest, plan, ask, stats --------------------------
+def _store_option(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--store",
+        help=f"sqlite:///path, a file path, or redis://host:port/db (default: {default_help})",
+    )
+
+
+def _memory_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Turn the API's errors into one clear line on stderr and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from optical_memory.stores import StoreError
+
+        try:
+            return handler(args)
+        except (ValueError, LookupError, TypeError, StoreError, OSError) as exc:
+            raise SystemExit(f"optical-memory {args.command}: {exc}") from None
+
+    return run
+
+
+def _open_memory(args: argparse.Namespace, model: str | None = None) -> OpticalMemory:
+    from optical_memory.memory import OpticalMemory
+
+    return OpticalMemory(args.store, model=model, device=getattr(args, "device", None),
+                         dtype=getattr(args, "dtype", None))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from optical_memory.demo import run_demo
+
+    result = run_demo(
+        args.out, transcript=args.transcript, turns=args.turns, store=args.store,
+        model=args.model, question=args.ask,
+    )
+    print(result.plan.table())
+    if result.answer is not None:
+        print(f"\nQ: {args.ask or result.plan.session_id}\nA: {result.answer}")
+    for path in result.pictures:
+        print(f"wrote {path}")
+    print(f"done in {result.seconds['total']:.1f} s")
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from optical_memory.messages import load_transcript
+
+    mem = _open_memory(args)
+    stored = mem.extend(args.session, load_transcript(args.transcript))
+    print(f"session {args.session!r}: {len(stored)} turns appended, "
+          f"{mem.store.turn_count(args.session)} in all ({mem.store.url})")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    mem = _open_memory(args)
+    mem.pages(args.session, progress=True)
+    plan = mem.plan(args.session, query=args.query, budget=args.budget)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else plan.table())
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    mem = _open_memory(args, model=args.model)
+    print(mem.ask(args.session, args.question, max_new_tokens=args.max_new_tokens, progress=True))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    print(_open_memory(args).stats(args.session).table())
+    return 0
+
+
 def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
-    for name, help_text in [
-        ("demo", "page, plan and picture a long conversation (no GPU, no weights)"),
-        ("ingest", "append a transcript to a session"),
-        ("plan", "show what the context of a session would hold"),
-        ("ask", "answer a question from a session's memory (needs --model)"),
-        ("stats", "turns, pages per mode, cache use of a session"),
-    ]:
-        p = sub.add_parser(name, help=help_text)
-        p.set_defaults(handler=_not_ready)
+    p = sub.add_parser("demo", help="page, plan and picture a long conversation (no GPU, no weights)")
+    p.add_argument("--out", default="out/demo", help="directory for the pictures and plan.json")
+    p.add_argument("--transcript", help="JSONL or JSON array of messages (default: a synthetic one)")
+    p.add_argument("--turns", type=int, default=1000, help="turns of the synthetic conversation")
+    p.add_argument("--model", help="checkpoint directory: also encode the pages and answer --ask")
+    p.add_argument("--ask", help="question to answer with --model")
+    _store_option(p, "OUT/memory.sqlite3")
+    p.set_defaults(handler=_memory_errors(_demo))
+
+    p = sub.add_parser("ingest", help="append a transcript to a session")
+    p.add_argument("session")
+    p.add_argument("transcript", help="JSONL file of messages, JSON array of messages, or - for stdin")
+    _store_option(p, "the embedded SQLite file")
+    p.set_defaults(handler=_memory_errors(_ingest))
+
+    p = sub.add_parser("plan", help="show what the context of a session would hold")
+    p.add_argument("session")
+    p.add_argument("--query", help="the question the context is for (counts its tokens)")
+    p.add_argument("--budget", type=int, help="decoder positions (default: the window, 8192)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _store_option(p, "the embedded SQLite file")
+    p.set_defaults(handler=_memory_errors(_plan))
+
+    p = sub.add_parser("ask", help="answer a question from a session's memory (needs --model)")
+    p.add_argument("session")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the reserve)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", help="bfloat16, float32, ... (default: bf16 on GPU, fp32 on CPU)")
+    _store_option(p, "the embedded SQLite file")
+    p.set_defaults(handler=_memory_errors(_ask))
+
+    p = sub.add_parser("stats", help="turns, pages per mode, cache use of a session")
+    p.add_argument("session")
+    _store_option(p, "the embedded SQLite file")
+    p.set_defaults(handler=_memory_errors(_stats))
 
 
 def build_parser() -> argparse.ArgumentParser:
