@@ -5,7 +5,7 @@ set -euo pipefail
 extras=${1:-redis}
 cd "$(dirname "$0")/.."
 
-fonts=(fonts-dejavu-core fonts-noto-cjk)
+fonts=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)
 missing=()
 for pkg in "${fonts[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

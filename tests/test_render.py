@@ -204,4 +204,4 @@ def test_fingerprint_covers_config_and_fonts():
 def test_page_from_another_config_is_refused(tiny):
     page = tiny.paginate([{"role": "user", "content": "x"}])[0]
     with pytest.raises(ValueError, match="different render config"):
-        Renderer(RenderConfig.for_mode("tiny", font_size=12)).render(page)
+        Renderer(RenderConfig.for_mode("tiny", font_size=14)).render(page)
