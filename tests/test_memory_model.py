@@ -1,0 +1,73 @@
+"""context() and ask() with a tiny random checkpoint: encoding, the cache, answers appended as turns.
+
+One memory is shared by the tests of this module (encoding on CPU takes about a second a page);
+the stores' cache paths are covered on both stores by test_cache and test_stores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_memory import conversation
+
+from optical_memory.memory import OpticalMemory
+from optical_memory.policy import Policy, Schedule
+from tests.tiny_checkpoint import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def mem(tmp_path_factory) -> OpticalMemory:
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    policy = Policy(
+        schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120, answer_tokens=8
+    )
+    store = tmp_path_factory.mktemp("store") / "memory.sqlite3"
+    m = OpticalMemory(store, model=checkpoint, device="cpu", policy=policy)
+    m.extend("s", conversation(30))
+    return m
+
+
+def test_context_encodes_misses_once_then_reads_the_cache(mem):
+    first = mem.context("s", "When do we launch?")
+    plan = first.plan
+    assert plan.window == 1024 and plan.fits  # the tiny checkpoint's window
+    assert plan.counter == mem.model.token_counter.name  # counted with the decoder's tokenizer
+    pages = plan.in_context()
+    assert pages and first.encoded == len(pages)
+    tensors = first.segments[: len(pages)]
+    for page, t in zip(pages, tensors):
+        assert t.shape == (plan.page_costs[page.mode], mem.model.encoder.hidden_size)
+    assert isinstance(first.segments[-1], str) and first.segments[-1].endswith("assistant:")
+    again = mem.context("s", "When do we launch?")
+    assert again.encoded == 0
+    sealed = sum(p.sealed for p in pages)  # sealed pages cache their image too, the open page not
+    assert mem.stats("s").cache_entries == len(pages) + sealed
+    assert all(torch.equal(a, b) for a, b in zip(tensors, again.segments))
+    info = mem.store.info("s")
+    assert info.cache_hits >= len(pages) and info.cache_misses >= len(pages)
+    mem.model.assemble(again.segments, max_new_tokens=8)  # fits the decoder window
+
+
+def test_corrupt_cache_entry_is_recomputed(mem):
+    from optical_memory.cache import cache_key
+
+    ctx = mem.context("s", "q")
+    page = ctx.plan.in_context()[0]
+    record = next(r for r in mem.pages("s") if r.index == page.index)
+    key = cache_key(page.content_hash, record.fingerprint, page.mode, mem.model.encoder.fingerprint)
+    raw = bytearray(mem.store.cache_get("s", key))
+    raw[-1] ^= 0x55
+    mem.store.cache_put("s", key, bytes(raw))
+    again = mem.context("s", "q")
+    assert again.encoded == 1
+    assert torch.equal(again.segments[0], ctx.segments[0])
+
+
+def test_ask_appends_question_and_answer(mem):
+    before = mem.store.turn_count("s")
+    answer = mem.ask("s", "Where is the launch party?", max_new_tokens=4)
+    assert isinstance(answer, str)
+    turns = mem.turns("s")
+    assert len(turns) == before + 2
+    assert turns[-2].to_message() == {"role": "user", "content": "Where is the launch party?"}
+    assert turns[-1].role == "assistant" and turns[-1].content == answer
