@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from optical_memory.tokens import default_counter
-from renderers import Page, RenderConfig, Renderer
+from renderers import RenderConfig, Renderer
 
 RESULTS = Path(__file__).parent / "results" / "legibility.json"
 SIZES = {
@@ -96,14 +96,6 @@ def transcript(n_turns: int = 24) -> list[dict]:
     return turns
 
 
-def page_text(page: Page, messages: list[dict]) -> str:
-    out = []
-    for span in page.spans:
-        out.append(messages[span.turn]["role"].upper() + (" (continued)" if span.start else ""))
-        out.append(messages[span.turn]["content"][span.start : span.end])
-    return "".join(out)
-
-
 def cer(reference: str, hypothesis: str) -> float:
     """Character error rate with whitespace removed; Levenshtein by rows, vectorised."""
     a = [c for c in reference if not c.isspace()]
@@ -147,13 +139,14 @@ def main() -> None:
             renderer = Renderer(config, counter)
             pages = renderer.paginate(messages)
             page = next((p for p in pages if p.full), pages[0])
-            cases.append((mode, size, config, page, renderer.render(page)))
+            reference = "\n".join(text for _, text in renderer.page_lines(messages, page))
+            cases.append((mode, size, config, page, renderer.render(page), reference))
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
         texts = list(pool.map(lambda c: ocr(c[4], workdir, f"{c[0]}-{c[1]}"), cases))
     rows = []
-    for (mode, size, config, page, _), text in zip(cases, texts):
+    for (mode, size, config, page, _, reference), text in zip(cases, texts):
         rows.append({
             "mode": mode,
             "font_size": size,
@@ -163,19 +156,19 @@ def main() -> None:
             "text_tokens_per_page": page.text_tokens,
             "vision_tokens": page.vision_tokens,
             "compression": round(page.text_tokens / page.vision_tokens, 2),
-            "cer": round(cer(page_text(page, messages), text), 4),
+            "cer": round(cer(reference, text), 4),
         })
         print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
     defaults = {m: RenderConfig.for_mode(m).font_size for m in ("tiny", "small", "base", "large", "gundam")}
     chosen = {}
-    for mode in SIZES:
+    for mode, sizes in SIZES.items():
         ok = [r["font_size"] for r in rows if r["mode"] == mode and r["cer"] <= CER_LIMIT
               and r["font_size"] >= MIN_SIZE.get(mode, 0)]
-        chosen[mode] = min(ok) if ok else max(SIZES[mode])
+        chosen[mode] = min(ok) if ok else max(sizes)
     chosen["gundam"] = chosen["large"]
     result = {
         "machine": {"cpu": _cpu_name(), "tesseract": _tesseract_version()},
-        "command": "python3 benchmarks/legibility.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python3 benchmarks/legibility.py", *sys.argv[1:]]),
         "ocr": "tesseract -l eng+rus+ell+chi_sim --psm 6 on the page upscaled 2x (Lanczos)",
         "text_tokenizer": counter.name,
         "ocr_seconds": round(time.perf_counter() - started, 1),
@@ -198,7 +191,7 @@ def _cpu_name() -> str:
 
 
 def _tesseract_version() -> str:
-    out = subprocess.run(["tesseract", "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run(["tesseract", "--version"], capture_output=True, text=True, check=False).stdout
     return out.splitlines()[0] if out else "unknown"
 
 

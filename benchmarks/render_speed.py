@@ -18,50 +18,35 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import PIL  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+import numpy as np
+import PIL
+from PIL import Image, ImageDraw, ImageFont
 
-from renderers import Page, RenderConfig, Renderer  # noqa: E402
+from renderers import RenderConfig, Renderer
 
 RESULTS = Path(__file__).parent / "results" / "render_speed.json"
-WORDS = (
+PROSE = (
     "the memory of a conversation fades like ours: recent turns stay sharp while older pages "
     "are kept at lower resolution, cheaper to hold, harder to read. Vision tokens encode "
     "rendered text (about ten times fewer than text tokens) and the decoder reads them back; "
     "kerning, wrapping, AV To Wa yo, 12.5% of 4096 = 512; https://example.org/a/b?c=d"
-).split()
+)
 
 
 def transcript(n_turns: int, words_per_turn: int) -> list[dict]:
     rng = np.random.default_rng(0)
+    words = PROSE.split()
     return [
-        {"role": ("user", "assistant")[i % 2], "content": " ".join(rng.choice(WORDS, words_per_turn))}
+        {"role": ("user", "assistant")[i % 2], "content": " ".join(rng.choice(words, words_per_turn))}
         for i in range(n_turns)
     ]
-
-
-def page_lines(renderer: Renderer, page: Page, messages: list[dict]) -> list[tuple[int, int, str]]:
-    """(x, baseline y, text) of every line of a page, recovered from its glyphs (one per character)."""
-    chars = []
-    for span in page.spans:
-        chars.append(messages[span.turn]["role"].upper() + (" (continued)" if span.start else ""))
-        chars.append(messages[span.turn]["content"][span.start : span.end].replace("\n", ""))
-    text = "".join(chars)
-    ys, counts = np.unique(page.glyph_y, return_counts=True)
-    assert counts.sum() == len(text), "one glyph per character"
-    lines, pos = [], 0
-    for y, count in zip(ys.tolist(), counts.tolist()):
-        lines.append((renderer.config.margin, y, text[pos : pos + count]))
-        pos += count
-    return lines
 
 
 def rate(fn, items, seconds: float) -> float:
@@ -92,13 +77,13 @@ def main() -> None:
     chars = [sum(s.end - s.start for s in p.spans) for p in pages]
 
     font = ImageFont.truetype(renderer.fonts.sans.path, config.font_size, layout_engine=ImageFont.Layout.BASIC)
-    jobs = [page_lines(renderer, p, messages) for p in pages]
+    jobs = [renderer.page_lines(messages, p) for p in pages]
 
     def pillow(lines):
         image = Image.new("L", (config.width, config.height), 255)
         draw = ImageDraw.Draw(image)
-        for x, y, text in lines:
-            draw.text((x, y), text, font=font, fill=0, anchor="ls")
+        for y, text in lines:
+            draw.text((config.margin, y), text, font=font, fill=0, anchor="ls")
         return image.convert("RGB")
 
     renderer.render(pages[0])  # warm the glyph cache, as a long-lived renderer is
@@ -122,7 +107,7 @@ def main() -> None:
             "pinned_cpu": args.cpu,
             "threads": 1,
         },
-        "command": "python3 benchmarks/render_speed.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python3 benchmarks/render_speed.py", *sys.argv[1:]]),
         "page": {"mode": config.mode, "width": config.width, "height": config.height,
                  "font_size": config.font_size, "pages": len(pages),
                  "chars_per_page": round(float(np.mean(chars)))},

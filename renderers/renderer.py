@@ -78,9 +78,29 @@ class Renderer:
         """PNG bytes of render(page): deterministic (no metadata, fixed compression)."""
         return encode_png(self.render(page))
 
+    def page_lines(
+        self, messages: Sequence[Message | Mapping[str, object]], page: Page
+    ) -> list[tuple[int, str]]:
+        """(baseline y, text) of every line drawn on `page`, role labels included.
+
+        `messages` are those the page was paginated from; newlines are not drawn
+        and are left out, so each text has one character per glyph.
+        """
+        parts = []
+        for span in page.spans:
+            message = parse_message(messages[span.turn], f"message {span.turn}")
+            parts.append(turn_label(message.role, span.start > 0))
+            parts.append(message.content[span.start : span.end].replace("\n", ""))
+        text = "".join(parts)
+        ys, counts = np.unique(page.glyph_y, return_counts=True)
+        if counts.sum() != len(text):
+            raise ValueError("page was not paginated from these messages")
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        return [(int(y), text[bounds[i] : bounds[i + 1]]) for i, y in enumerate(ys.tolist())]
+
     def header(self, role: str, continued: bool) -> tuple[Line, int]:
         """The role label line of a turn and the x (pixels from the margin) where its rule starts."""
-        label = role.upper() + (" (continued)" if continued else "")
+        label = turn_label(role, continued)
         line = next(break_paragraph(self.glyphs, Style.LABEL, label, 0, 1 << 24))
         width = 0
         if len(line.keys):
@@ -103,6 +123,11 @@ class Renderer:
                 yield line, style is Style.MONO
             in_code ^= fence
             position += len(paragraph) + 1
+
+
+def turn_label(role: str, continued: bool) -> str:
+    """The label drawn at the start of a turn (and again on each page it continues to)."""
+    return role.upper() + (" (continued)" if continued else "")
 
 
 def _is_fence(paragraph: str) -> bool:

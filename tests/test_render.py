@@ -205,3 +205,11 @@ def test_page_from_another_config_is_refused(tiny):
     page = tiny.paginate([{"role": "user", "content": "x"}])[0]
     with pytest.raises(ValueError, match="different render config"):
         Renderer(RenderConfig.for_mode("tiny", font_size=14)).render(page)
+
+
+def test_page_lines_give_the_drawn_text(tiny):
+    messages = [{"role": "user", "content": "hello world\nsecond line"}, {"role": "assistant", "content": ""}]
+    page = tiny.paginate(messages)[0]
+    assert [text for _, text in tiny.page_lines(messages, page)] == [
+        "USER", "hello world", "second line", "ASSISTANT",
+    ]
