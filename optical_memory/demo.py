@@ -51,9 +51,10 @@ def run_demo(
         messages = [m.to_dict() for m in load_transcript(transcript)]
     else:
         messages = build_conversation(turns)
-    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
-    session_id = f"demo-{digest[:12]}"
     mem = OpticalMemory(store if store is not None else out / "memory.sqlite3", model=model)
+    # one session per conversation and render configuration: a rerun reuses its pages
+    blob = json.dumps([messages, mem.render_config.fingerprint()], ensure_ascii=False)
+    session_id = f"demo-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     try:
         ids = [f"{i:07d}" for i in range(len(messages))]
         chunk = 250
