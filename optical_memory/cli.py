@@ -66,7 +66,31 @@ def _check_checkpoint(args: argparse.Namespace) -> int:
 # --- ocr (decoder) -----------------------------------------------------------
 def _add_ocr(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ocr", help="read one image with a checkpoint")
-    p.set_defaults(handler=_not_ready)
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("--model", required=True, help="DeepSeek-OCR checkpoint directory")
+    p.add_argument("--mode", default="gundam", help="tiny, small, base, large or gundam (default)")
+    p.add_argument("--prompt", default="<image>\nFree OCR.", help="prompt with one <image> placeholder")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(handler=_run_ocr)
+
+
+def _run_ocr(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from optical_memory.model import PageImage, load_model
+    from optical_memory.model.context import split_prompt
+
+    image = Image.open(args.image).convert("RGB")
+    page = PageImage(image, args.mode)
+    model = load_model(args.model, device=args.device)
+    for piece in model.stream(
+        split_prompt(args.prompt, [page]), max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=20
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
 
 
 # --- memory commands: demo, ingest, plan, ask, stats --------------------------

@@ -98,3 +98,18 @@ def test_bad_generation_options():
         GenerationConfig(do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)
+
+
+def test_ocr_command(tmp_path, model, capsys):
+    from optical_memory.cli import main
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    Image.new("RGB", (300, 200), "white").save(tmp_path / "page.png")
+    assert main(["ocr", str(tmp_path / "page.png"), "--model", str(ckpt), "--mode", "small",
+                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    expected = model.generate_from_prompt(
+        "<image>\nFree OCR.", images=[PageImage(Image.open(tmp_path / "page.png").convert("RGB"), "small")],
+        max_new_tokens=6, no_repeat_ngram_size=20,
+    )
+    assert printed == expected + "\n"
