@@ -415,7 +415,7 @@ class OpticalMemory:
     def _window_start(self, session_id: str, count: int) -> tuple[int, list[Turn]]:
         recent = self.store.turns(session_id, max(0, count - self.policy.recent_turns), count)
         tokens = [self.counter.count(f"{t.role}: {t.content}") for t in recent]
-        return count - len(recent) + self.policy.window_start(tokens), recent
+        return count - len(recent) + self.policy.window_start(tokens, self.window), recent
 
     def pages(self, session_id: str, progress: bool = False) -> list[PageRecord]:
         """Seal the pages that are due; all pages of the session, the open one last.
@@ -556,10 +556,12 @@ class OpticalMemory:
     ) -> str:
         """Answer `query` from the session's memory, then append the question and the answer as turns."""
         question = self._new_turn({"role": "user", "content": query}, turn_id, "query")
-        ctx = self.context(session_id, query, progress=progress)
-        answer = self.model.generate(
-            ctx.segments, max_new_tokens=max_new_tokens or self.policy.answer_tokens, **generation
-        )
+        answer_tokens = max_new_tokens or self.policy.answer_tokens
+        _ = self.model
+        # a longer answer than the policy reserves takes its extra positions from the pages
+        budget = self.window - max(0, answer_tokens - self.policy.answer_tokens)
+        ctx = self.context(session_id, query, budget=budget, progress=progress)
+        answer = self.model.generate(ctx.segments, max_new_tokens=answer_tokens, **generation)
         reply = self._new_turn({"role": "assistant", "content": answer}, None, "answer")
         self.store.append(session_id, [question, reply])
         return answer

@@ -67,7 +67,7 @@ class Policy:
     """What stays text, how pages fade, and the decoder budget they must fit.
 
     Text window: the last `recent_turns` turns stay text, fewer if they hold more
-    than `recent_tokens` tokens. The context must fit `window` positions with
+    than `recent_tokens` tokens or a quarter of the decoder window. The context must fit `window` positions with
     `answer_tokens` reserved for the answer and `overhead` for the prompt's
     special tokens. Over budget, pages step down no lower than `floor` before the
     oldest leave. A page is never given a mode that costs more than its text
@@ -96,15 +96,17 @@ class Policy:
     def floor_level(self) -> int:
         return FADING_ORDER.index(self.floor)
 
-    def window_start(self, tokens: Sequence[int]) -> int:
+    def window_start(self, tokens: Sequence[int], window: int | None = None) -> int:
         """Index of the oldest turn of the text window, given the token count of every turn.
 
-        Non-decreasing as turns are appended, so paging never needs to move back.
+        The text window holds at most a quarter of the decoder `window` (default:
+        the policy's). Non-decreasing as turns are appended, so paging never moves back.
         """
+        limit = min(self.recent_tokens, (window or self.window) // 4)
         start = len(tokens)
         used = 0
         while start > 0 and len(tokens) - start < self.recent_turns:
-            if used + tokens[start - 1] > self.recent_tokens:
+            if used + tokens[start - 1] > limit:
                 break
             used += tokens[start - 1]
             start -= 1

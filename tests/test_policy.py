@@ -75,6 +75,8 @@ def test_text_window_by_turns_and_tokens():
     assert p.window_start([10] * 10) == 7
     assert p.window_start([10, 10, 90, 20]) == 3  # the 90-token turn does not fit beside 20
     assert p.window_start([500]) == 1  # a single turn over the budget leaves at once
+    assert p.window_start([10] * 10, window=120) == 7  # a quarter of the window: 30 tokens
+    assert p.window_start([10] * 10, window=80) == 8
     starts = [p.window_start([30, 5, 60, 10, 40, 3, 3][:n]) for n in range(8)]
     assert starts == sorted(starts)
 
