@@ -503,29 +503,41 @@ class OpticalMemory:
         raise LookupError(f"page {page.index} of session {session_id!r} is not in its pages now")
 
     def encode_pages(
-        self, session_id: str, plan: Plan, progress: bool = False
+        self, session_id: str, plan: Plan, progress: bool = False, batch_size: int = 8
     ) -> tuple[list[torch.Tensor], int]:
-        """Vision tokens of the plan's pages in context, oldest first; encodes only cache misses."""
-        model = self.model
-        encoder = model.encoder
+        """Vision tokens of the plan's pages in context, oldest first; encodes only cache misses.
+
+        Misses are encoded in batches of up to `batch_size` pages of one mode.
+        """
+        encoder = self.model.encoder
         records = {r.index: r for r in self.pages(session_id)}
         wanted = plan.in_context()
         out: dict[int, torch.Tensor] = {}
-        misses: list[tuple[PagePlan, str]] = []
+        misses: dict[str, list[tuple[PagePlan, str]]] = {}
         for p in wanted:
-            key = cache_key(p.content_hash, records[p.index].fingerprint, p.mode, encoder.fingerprint)
+            record = records.get(p.index)
+            if record is None or record.content_hash != p.content_hash:
+                raise LookupError(
+                    f"page {p.index} of session {session_id!r} changed since the plan; plan again"
+                )
+            key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.fingerprint)
             hit = self.cache.get_tensor(session_id, key)
             if hit is not None:
                 out[p.index] = hit
             else:
-                misses.append((p, key))
-        self.store.count_cache(session_id, hits=len(out), misses=len(misses))
-        for p, key in tqdm(misses, desc="encoding pages", unit="page", disable=not progress):
-            image = self.page_image(session_id, records[p.index])
-            (embedding,) = encoder.encode_batch([image], p.mode)
-            self.cache.put_tensor(session_id, key, embedding)
-            out[p.index] = embedding
-        return [out[p.index] for p in wanted], len(misses)
+                misses.setdefault(p.mode, []).append((p, key))
+        encoded = sum(len(group) for group in misses.values())
+        self.store.count_cache(session_id, hits=len(out), misses=encoded)
+        with tqdm(total=encoded, desc="encoding pages", unit="page", disable=not progress) as bar:
+            for mode, group in misses.items():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start : start + batch_size]
+                    images = [self.page_image(session_id, records[p.index]) for p, _ in chunk]
+                    for (p, key), embedding in zip(chunk, encoder.encode_batch(images, mode)):
+                        self.cache.put_tensor(session_id, key, embedding)
+                        out[p.index] = embedding
+                    bar.update(len(chunk))
+        return [out[p.index] for p in wanted], encoded
 
     def context(
         self, session_id: str, query: str, budget: int | None = None, progress: bool = False

@@ -110,6 +110,11 @@ def test_cache_entries_expire_after_ttl(store_factory):
     assert s.cache_get("s", "k") == b"v"
     time.sleep(0.35)
     assert s.cache_get("s", "k") is None
+    s.cache_put("s", "k2", b"v2")
+    s.cache_put("s", "k3", b"v3")
+    time.sleep(0.35)
+    s.cache_put("s", "k4", b"v4")  # expired entries no longer count towards the size
+    assert (s.info("s").cache_entries, s.info("s").cache_bytes) == (1, 2)
 
 
 def test_info_counts_turns_pages_and_bytes(store):

@@ -107,7 +107,15 @@ end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], string.len(ARGV[6]))
 local total = 0
-for _, size in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(size) end
+local sizes = redis.call('HGETALL', KEYS[2])
+for i = 1, #sizes, 2 do
+  if redis.call('EXISTS', ARGV[1] .. sizes[i]) == 1 then
+    total = total + tonumber(sizes[i + 1])
+  else  -- expired by its TTL: forget it
+    redis.call('ZREM', KEYS[1], sizes[i])
+    redis.call('HDEL', KEYS[2], sizes[i])
+  end
+end
 local limit = tonumber(ARGV[5])
 while total > limit do
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
