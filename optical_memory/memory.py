@@ -287,8 +287,8 @@ class OpticalMemory:
         self._model = None if self._model_source is not None else model
         self._device, self._dtype = device, dtype
         self._render_config = render or RenderConfig.for_mode("gundam")
-        self._renderer: Renderer | None = None
         self._pager: Pager | None = None
+        self._recounted: dict[tuple[str, str], int] = {}  # (page hash, counter) -> text tokens
         self.cache = VisionCache(self.store)
 
     # --- lazily built parts ---------------------------------------------------------
@@ -315,8 +315,8 @@ class OpticalMemory:
     @property
     def pager(self) -> Pager:
         if self._pager is None:
-            self._renderer = Renderer(self._render_config, counter=self.counter)
-            self._pager = Pager(self.store, self._renderer)
+            # pages are always measured with the default counter, so every process agrees
+            self._pager = Pager(self.store, Renderer(self._render_config))
         return self._pager
 
     @property
@@ -458,13 +458,14 @@ class OpticalMemory:
             ages = [max(0.0, now - r.newest_time) for r in records]
         fixed = text_tokens + query_tokens + self.policy.answer_tokens + self.policy.overhead
         policy = replace(self.policy, window=window)
-        solution = solve(ages, [r.text_tokens for r in records], costs, fixed, policy)
+        page_tokens = self._page_tokens(session_id, records)
+        solution = solve(ages, page_tokens, costs, fixed, policy)
         pages = [
             PagePlan(
-                r.index, r.first_turn, r.last_turn, r.sealed, r.text_tokens, age, mode,
+                r.index, r.first_turn, r.last_turn, r.sealed, tokens, age, mode,
                 costs[mode] if mode else 0, r.content_hash,
             )
-            for r, age, mode in zip(records, ages, solution.modes)
+            for r, tokens, age, mode in zip(records, page_tokens, ages, solution.modes)
         ]
         return Plan(
             session_id=session_id,
@@ -481,6 +482,24 @@ class OpticalMemory:
             fits=solution.fits,
             page_costs=costs,
         )
+
+    def _page_tokens(self, session_id: str, records: Sequence[PageRecord]) -> list[int]:
+        """Text tokens of each page by this memory's counter (recounted once per process if the
+        page was measured with another, e.g. the decoder's tokenizer once a model is loaded)."""
+        name = self.counter.name
+        todo = [
+            r for r in records
+            if r.counter != name and (r.content_hash, name) not in self._recounted
+        ]
+        if todo:
+            turns = self.store.turns(session_id, todo[0].first_turn, todo[-1].last_turn + 1)
+            for r in todo:
+                texts = self.pager.text_of(r, turns[r.first_turn - todo[0].first_turn :])
+                self._recounted[(r.content_hash, name)] = sum(self.counter.count(t) for t in texts)
+        return [
+            r.text_tokens if r.counter == name else self._recounted[(r.content_hash, name)]
+            for r in records
+        ]
 
     # --- page images and vision tokens ---------------------------------------------
     def page_image(self, session_id: str, page: PageRecord | PagePlan) -> Image.Image:

@@ -32,7 +32,7 @@ class PageRecord:
     """A page as stored: which characters of which turns it holds, and what it costs.
 
     `start` and `end` are (turn, character) positions; `end` is where the next
-    page begins. `newest_time` is the creation time of the page's newest turn,
+    page begins. `counter` names the tokenizer of `text_tokens`. `newest_time` is the creation time of the page's newest turn,
     for wall-clock ages.
     """
 
@@ -45,7 +45,8 @@ class PageRecord:
     fingerprint: str
     width: int
     height: int
-    text_tokens: int
+    text_tokens: int  # of the page's text, by the renderer's counter
+    counter: str
     newest_time: float
     sealed: bool = True
 
@@ -63,7 +64,9 @@ class PageRecord:
         return cls(**data)
 
 
-def _record(page: Page, index: int, offset: int, laid_out: Sequence[Turn]) -> PageRecord:
+def _record(
+    page: Page, index: int, offset: int, laid_out: Sequence[Turn], counter: str
+) -> PageRecord:
     """A record for `page`, laid out from `laid_out`, the turns from index `offset` on."""
     first, last = offset + page.first_turn, offset + page.last_turn
     start = (first, page.spans[0].start)
@@ -79,6 +82,7 @@ def _record(page: Page, index: int, offset: int, laid_out: Sequence[Turn]) -> Pa
         width=page.width,
         height=page.height,
         text_tokens=page.text_tokens,
+        counter=counter,
         newest_time=laid_out[page.last_turn].created,
         sealed=page.full,
     )
@@ -124,7 +128,10 @@ class Pager:
                 else self.store.turns(session_id, end[0], window_start)
             )
             laid = self.renderer.paginate([t.to_message() for t in older], start=(0, end[1]))
-            fresh = [_record(page, len(records) + i, end[0], older) for i, page in enumerate(laid)]
+            name = self.renderer.counter.name
+            fresh = [
+                _record(page, len(records) + i, end[0], older, name) for i, page in enumerate(laid)
+            ]
             full = [r for r in fresh if r.sealed]
             open_page = next((r for r in fresh if not r.sealed), None)
             if not full:
@@ -136,6 +143,15 @@ class Pager:
                 self._open[session_id] = (full[-1].end, window_start, open_page)
                 return records + full, open_page
             # another writer sealed pages first: read theirs and continue from there
+
+    def text_of(self, record: PageRecord, turns: Sequence[Turn]) -> list[str]:
+        """The contents the page holds (as the renderer counts them), given turns from its first on."""
+        texts = []
+        for turn in turns[: record.turns]:
+            begin = record.start[1] if turn.index == record.first_turn else 0
+            stop = record.end[1] if turn.index == record.end[0] else len(turn.content)
+            texts.append(turn.content[begin:stop])
+        return texts
 
     def forget(self, session_id: str) -> None:
         """Drop what this pager remembers of a session (after the session is deleted)."""

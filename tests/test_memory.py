@@ -183,3 +183,16 @@ def test_stats_report_pages_and_cache(mem):
     assert stats.pages_sealed == len(mem.store.pages("s"))
     assert sum(stats.pages_by_mode.values()) == len(mem.pages("s"))
     assert "turns" in stats.table()
+
+
+def test_page_text_recount_matches_the_renderer(mem):
+    from optical_memory.tokens import default_counter
+
+    mem.extend("s", conversation(80))
+    turns = mem.store.turns("s")
+    records = mem.pages("s")
+    assert any(r.start[1] > 0 for r in records)  # some page begins inside a turn
+    for r in records:
+        texts = mem.pager.text_of(r, turns[r.first_turn :])
+        assert sum(default_counter().count(t) for t in texts) == r.text_tokens
+        assert r.counter == default_counter().name

@@ -71,3 +71,13 @@ def test_ask_appends_question_and_answer(mem):
     assert len(turns) == before + 2
     assert turns[-2].to_message() == {"role": "user", "content": "Where is the launch party?"}
     assert turns[-1].role == "assistant" and turns[-1].content == answer
+
+
+def test_plan_recounts_pages_with_the_decoder_tokenizer(mem):
+    plan = mem.plan("s")
+    records = mem.pages("s")
+    tokenizer = mem.model.token_counter
+    turns = mem.store.turns("s")
+    for page, record in zip(plan.pages, records):
+        texts = mem.pager.text_of(record, turns[record.first_turn :])
+        assert page.text_tokens == sum(tokenizer.count(t) for t in texts) != record.text_tokens
