@@ -226,9 +226,15 @@ class RedisStore(Store):
         return int(self._call("count turns", lambda: self._r.llen(key)))
 
     def sessions(self) -> list[str]:
-        members = self._call("list sessions", lambda: self._r.smembers(f"{self.prefix}:sessions"))
-        ids = sorted(m.decode() for m in members)
-        return [sid for sid in ids if self.turn_count(sid) > 0]
+        def run() -> list[tuple[str, int]]:
+            ids = sorted(m.decode() for m in self._r.smembers(f"{self.prefix}:sessions"))
+            pipe = self._r.pipeline(transaction=False)
+            for sid in ids:
+                pipe.llen(self._key(sid, "turns"))
+            return list(zip(ids, pipe.execute()))
+
+        # an id whose first append failed after registering it holds no turns: not listed
+        return [sid for sid, count in self._call("list sessions", run) if count > 0]
 
     def delete(self, session_id: str) -> bool:
         existed = self.turn_count(session_id) > 0
