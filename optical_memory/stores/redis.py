@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -170,7 +171,7 @@ class RedisStore(Store):
                 f"stored, retry with the same turn ids when it is back ({exc})"
             ) from exc
         except redis.ResponseError as exc:
-            if str(exc).startswith("TURNCONFLICT"):
+            if "TURNCONFLICT" in str(exc):
                 raise
             raise StoreError(f"Redis at {self.url} refused {what}: {exc}") from exc
         except redis.RedisError as exc:
@@ -193,11 +194,17 @@ class RedisStore(Store):
                 len(new.content.encode()),
             ]
         keys = [self._key(session_id, p) for p in ("turns", "ids", "meta")]
-        self._call("append", lambda: self._r.sadd(f"{self.prefix}:sessions", session_id))
+
+        def run() -> list[int]:  # one round trip: register the id, then the append script
+            pipe = self._r.pipeline(transaction=False)
+            pipe.sadd(f"{self.prefix}:sessions", session_id)
+            self._append(keys=keys, args=args, client=pipe)
+            return pipe.execute()[1]
+
         try:
-            indices = self._call("append", lambda: self._append(keys=keys, args=args))
+            indices = self._call("append", run)
         except redis.ResponseError as exc:
-            index = int(str(exc).split()[1])
+            index = int(re.search(r"TURNCONFLICT (\d+)", str(exc)).group(1))
             (stored,) = self.turns(session_id, index, index + 1)
             raise conflict(session_id, stored) from None
         out: list[Turn] = []
