@@ -94,3 +94,13 @@ def test_split_prompt_checks_placeholders():
         split_prompt("<image> and", [img, img])
     with pytest.raises(ValueError, match="empty prompt"):
         split_prompt("  ", [])
+
+
+def test_load_model_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere", "cpu")
+    ckpt = write_checkpoint(tmp_path / "no_tok", tokenizer=False)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
+        load_model(ckpt, "cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(ckpt, "cpu", "int8")

@@ -74,6 +74,13 @@ def _decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    return json.loads(config_file.read_text())
+
+
 def load_decoder(
     path: str | Path,
     device: torch.device | str | None = None,
@@ -84,10 +91,7 @@ def load_decoder(
     """The decoder of a checkpoint directory (config.json + safetensors, official names)."""
     path = Path(path)
     dev, dt = resolve_device_dtype(device, dtype)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    config = DecoderConfig.from_checkpoint_config(json.loads(config_file.read_text()))
+    config = DecoderConfig.from_checkpoint_config(_read_config(path))
     tensors = convert_state_dict(_decoder_tensors(path), config, device=dev, dtype=dt)
     if not tensors:
         raise ValueError(
@@ -225,9 +229,8 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     dev, dt = resolve_device_dtype(device, dtype)
+    lang = DecoderConfig.from_checkpoint_config(_read_config(path))
+    tokenizer = OCRTokenizer.from_dir(path, bos_id=lang.bos_token_id, eos_id=lang.eos_token_id)
     decoder = load_decoder(path, dev, dt)
-    tokenizer = OCRTokenizer.from_dir(
-        path, bos_id=decoder.config.bos_token_id, eos_id=decoder.config.eos_token_id
-    )
     encoder = load_encoder(path, device=dev, dtype=dt)
     return OpticalModel(encoder, decoder, tokenizer)
