@@ -110,7 +110,9 @@ def text_model_prefill_ms(dec: DeepseekOCRDecoder, seq: int) -> float:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(dec: DeepseekOCRDecoder, context: int, batch: int, steps: int = 64) -> float:
+def decode_tokens_per_s(
+    dec: DeepseekOCRDecoder, context: int, batch: int, steps: int = 64
+) -> float:
     emb = torch.randn(batch, context, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
 
     def run() -> None:
@@ -128,7 +130,9 @@ def decode_tokens_per_s(dec: DeepseekOCRDecoder, context: int, batch: int, steps
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="benchmarks/results/decoder_gpu.json")
     ap.add_argument("--pages", type=int, default=20, help="Base pages in the optical context")
     ap.add_argument("--turns", type=int, default=10, help="recent text turns kept as text")
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--experts", nargs="+", default=["eager", "grouped_mm"])
     ap.add_argument(
-        "--small", action="store_true", help="a reduced decoder on any device: checks the script only"
+        "--small",
+        action="store_true",
+        help="a reduced decoder on any device: checks the script only",
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prefill-len", type=int, default=8192)
@@ -154,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DecoderConfig()
     if args.small:
         cfg = DecoderConfig(
-            vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=8,
             num_experts_per_tok=2,
         )
     base = get_mode("base").vision_tokens()
@@ -167,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "decoder": cfg.to_dict(),
         "active_params": active_params(cfg),
         "active_params_note": ACTIVE_PARAMS_NOTE,
@@ -191,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for impl in args.experts:
         dec.model.config._experts_implementation = impl
-        r: dict = {"prefill_ms": prefill_ms(dec, args.prefill_len), "prefill_1024_ms": prefill_ms(dec, 1024)}
+        r: dict = {
+            "prefill_ms": prefill_ms(dec, args.prefill_len),
+            "prefill_1024_ms": prefill_ms(dec, 1024),
+        }
         r["prefill_tflops"] = prefill_flops(cfg, args.prefill_len) / (r["prefill_ms"] * 1e-3) / 1e12
         r["fraction_of_matmul_peak"] = r["prefill_tflops"] / result["matmul_peak_tflops"]
         r["optical_prefill_ms"] = prefill_ms(dec, optical_len)
@@ -205,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_ms = prefill_ms(dec, plain_len) if plain_len <= 65536 else None
     result["experts"] = runs
     result["chosen_experts_implementation"] = best
-    result["ratio_baseline_over_ours_prefill"] = result["baseline"]["prefill_ms"] / runs[best]["prefill_ms"]
+    result["ratio_baseline_over_ours_prefill"] = (
+        result["baseline"]["prefill_ms"] / runs[best]["prefill_ms"]
+    )
     per_token = cfg.kv_cache_bytes_per_token(torch.bfloat16)
     result["conversation"] = {
         "pages": args.pages,
@@ -229,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     if plain_ms is not None:
-        result["conversation"]["prefill_ratio_plain_over_optical"] = plain_ms / runs[best]["optical_prefill_ms"]
+        result["conversation"]["prefill_ratio_plain_over_optical"] = (
+            plain_ms / runs[best]["optical_prefill_ms"]
+        )
     result["conversation"]["kv_ratio_plain_over_optical"] = plain_len / optical_len
     print(json.dumps(result["conversation"], indent=1), flush=True)
     out = Path(args.out)

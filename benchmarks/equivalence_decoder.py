@@ -65,17 +65,23 @@ def make_images() -> list[Image.Image]:
         img = Image.new("RGB", size, (250, 250, 245))
         draw = ImageDraw.Draw(img)
         for row in range(0, size[1] - 20, 24):
-            draw.text((20, row), f"page {i} line {row // 24}: the quick brown fox {row * 7 % 97}", fill=(0, 0, 0))
-        draw.rectangle([size[0] // 3, size[1] // 3, size[0] // 2, size[1] // 2], outline=(200, 30, 30), width=5)
+            draw.text(
+                (20, row),
+                f"page {i} line {row // 24}: the quick brown fox {row * 7 % 97}",
+                fill=(0, 0, 0),
+            )
+        draw.rectangle(
+            [size[0] // 3, size[1] // 3, size[0] // 2, size[1] // 2], outline=(200, 30, 30), width=5
+        )
         images.append(img)
     return images
 
 
 # --------------------------------------------------------------------------- ours
 def write_random_checkpoint(path: Path, layers: int, experts: int, seed: int) -> None:
-    from optical_memory.model import EncoderConfig, random_encoder_tensors
     from safetensors.torch import save_file
 
+    from optical_memory.model import EncoderConfig, random_encoder_tensors
     from tests.tiny_checkpoint import OFFICIAL_DECODER, decoder_tensors, write_tokenizer
 
     lang = {**OFFICIAL_DECODER, "num_hidden_layers": layers, "n_routed_experts": experts}
@@ -134,11 +140,17 @@ def _stub_torchvision() -> None:
 
     class ToTensor:
         def __call__(self, img):
-            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+            return (
+                torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+                / 255
+            )
 
     class Normalize:
         def __init__(self, mean, std):
-            self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+            self.mean, self.std = (
+                torch.tensor(mean)[:, None, None],
+                torch.tensor(std)[:, None, None],
+            )
 
         def __call__(self, x):
             return (x - self.mean) / self.std
@@ -159,8 +171,13 @@ def _stub_torchvision() -> None:
     functional.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic", BILINEAR="bilinear")
     transforms.functional = functional
     tv.transforms = transforms
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
+    sys.modules.update(
+        {
+            "torchvision": tv,
+            "torchvision.transforms": transforms,
+            "torchvision.transforms.functional": functional,
+        }
+    )
 
 
 class _Captured(Exception):
@@ -209,9 +226,16 @@ def run_reference(args: argparse.Namespace) -> None:
         model.generate = stop
         base_size, image_size, crop = REFERENCE_MODE_ARGS[mode]
         try:
-            model.infer(tokenizer, prompt="<image>" + PROMPT_TAIL, image_file=str(image_file),
-                        output_path=str(work / "ref_out"), base_size=base_size,
-                        image_size=image_size, crop_mode=crop, eval_mode=True)
+            model.infer(
+                tokenizer,
+                prompt="<image>" + PROMPT_TAIL,
+                image_file=str(image_file),
+                output_path=str(work / "ref_out"),
+                base_size=base_size,
+                image_size=image_size,
+                crop_mode=crop,
+                eval_mode=True,
+            )
         except _Captured as c:
             a, k = c.args
         del model.generate
@@ -242,17 +266,28 @@ def run_reference(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         single = capture("gundam", 0)
-        out = model(input_ids=single["input_ids"], images=single["images"],
-                    images_seq_mask=single["mask"], images_spatial_crop=single["crop"])
+        out = model(
+            input_ids=single["input_ids"],
+            images=single["images"],
+            images_seq_mask=single["mask"],
+            images_spatial_crop=single["crop"],
+        )
         tensors["single_logits"] = out.logits[0].float()
         result["single_ids"] = single["input_ids"][0].tolist()
         result["pixel_max_abs_diff_vs_bf16"] = {"gundam_0": single["pixel_max_abs_diff_vs_bf16"]}
         handle.remove()
-        gen = model.generate(single["input_ids"], images=single["images"],
-                             images_seq_mask=single["mask"], images_spatial_crop=single["crop"],
-                             do_sample=False, max_new_tokens=args.steps, eos_token_id=1,
-                             pad_token_id=1, use_cache=True)
-        result["generated"] = gen[0, single["input_ids"].shape[1]:].tolist()
+        gen = model.generate(
+            single["input_ids"],
+            images=single["images"],
+            images_seq_mask=single["mask"],
+            images_spatial_crop=single["crop"],
+            do_sample=False,
+            max_new_tokens=args.steps,
+            eos_token_id=1,
+            pad_token_id=1,
+            use_cache=True,
+        )
+        result["generated"] = gen[0, single["input_ids"].shape[1] :].tolist()
         handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
 
         # Several pages: each page's embeddings from the reference vision path, then its LM.
@@ -263,10 +298,16 @@ def run_reference(args: argparse.Namespace) -> None:
                 continue
             cap = capture(*value)
             captured_embeds.clear()
-            model(input_ids=cap["input_ids"], images=cap["images"],
-                  images_seq_mask=cap["mask"], images_spatial_crop=cap["crop"])
+            model(
+                input_ids=cap["input_ids"],
+                images=cap["images"],
+                images_seq_mask=cap["mask"],
+                images_spatial_crop=cap["crop"],
+            )
             emb = captured_embeds[0][0][cap["mask"][0]]
-            result["pixel_max_abs_diff_vs_bf16"][f"{value[0]}_{value[1]}"] = cap["pixel_max_abs_diff_vs_bf16"]
+            result["pixel_max_abs_diff_vs_bf16"][f"{value[0]}_{value[1]}"] = cap[
+                "pixel_max_abs_diff_vs_bf16"
+            ]
             pages.append(emb)
             ids += [128815] * emb.shape[0]
         handle.remove()
@@ -275,8 +316,13 @@ def run_reference(args: argparse.Namespace) -> None:
         embeds = model.model.embed_tokens(input_ids)
         embeds[0].masked_scatter_(mask[0].unsqueeze(-1), torch.cat(pages))
         blank = [(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))]
-        out = model(input_ids=input_ids, inputs_embeds=embeds, images=blank, images_seq_mask=mask,
-                    images_spatial_crop=torch.zeros(1, 2, dtype=torch.long))
+        out = model(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            images=blank,
+            images_seq_mask=mask,
+            images_spatial_crop=torch.zeros(1, 2, dtype=torch.long),
+        )
         tensors["multi_logits"] = out.logits[0].float()
         result["multi_ids"] = ids
     result["seconds"] = time.perf_counter() - t0
@@ -298,9 +344,15 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reference-code", required=True, help="directory holding modeling_deepseekocr.py etc.")
-    ap.add_argument("--reference-python", help="python with transformers 4.46.3 for the reference side")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--reference-code", required=True, help="directory holding modeling_deepseekocr.py etc."
+    )
+    ap.add_argument(
+        "--reference-python", help="python with transformers 4.46.3 for the reference side"
+    )
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--steps", type=int, default=40)
@@ -326,23 +378,44 @@ def main(argv: list[str] | None = None) -> int:
         write_random_checkpoint(ckpt, args.layers, args.experts, args.seed)
     images = make_images()
     save_views(images, work / "views.safetensors")
-    cmd = [args.reference_python, __file__, "--role", "reference", "--reference-code", args.reference_code,
-           "--ckpt", str(ckpt), "--work", str(work), "--steps", str(args.steps)]
+    cmd = [
+        args.reference_python,
+        __file__,
+        "--role",
+        "reference",
+        "--reference-code",
+        args.reference_code,
+        "--ckpt",
+        str(ckpt),
+        "--work",
+        str(work),
+        "--steps",
+        str(args.steps),
+    ]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     ref = json.loads((work / "reference.json").read_text())
     ref_t = load_file(str(work / "reference.safetensors"))
     ours = run_ours(ckpt, images, args.steps)
 
     gen_ref, gen_ours = ref["generated"], ours["generated"]
-    agree = next((i for i, (a, b) in enumerate(zip(gen_ref, gen_ours)) if a != b), min(len(gen_ref), len(gen_ours)))
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(gen_ref, gen_ours)) if a != b),
+        min(len(gen_ref), len(gen_ours)),
+    )
     single = compare_logits(ours["single_logits"], ref_t["single_logits"])
     multi = compare_logits(ours["multi_logits"], ref_t["multi_logits"])
     result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()} CPU, float32",
         "torch": torch.__version__,
-        "decoder_size": {"hidden": 1280, "vocab": 129280, "layers": args.layers,
-                         "routed_experts": args.experts, "note": "official widths; depth/experts as given"},
+        "decoder_size": {
+            "hidden": 1280,
+            "vocab": 129280,
+            "layers": args.layers,
+            "routed_experts": args.experts,
+            "note": "official widths; depth/experts as given",
+        },
         "encoder_size": "official (SAM ViT-B + CLIP-L/14 + projector)",
         "reference_missing_keys": ref["missing_keys"],
         "reference_unexpected_keys": ref["unexpected_keys"],

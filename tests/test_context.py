@@ -26,25 +26,37 @@ def test_plain_format_and_scatter_order(model):
     a, b = page(5, 1.0), page(3, 2.0)
     inputs = model.assemble(["hello", a, " world", b, "\nFree OCR."], max_new_tokens=4)
     ids = inputs.input_ids[0].tolist()
-    expected = [tok.bos_id, *tok.encode("hello"), *[tok.image_id] * 5, *tok.encode(" world"),
-                *[tok.image_id] * 3, *tok.encode("\nFree OCR.")]
+    expected = [
+        tok.bos_id,
+        *tok.encode("hello"),
+        *[tok.image_id] * 5,
+        *tok.encode(" world"),
+        *[tok.image_id] * 3,
+        *tok.encode("\nFree OCR."),
+    ]
     assert ids == expected
     start_b = 1 + len(tok.encode("hello")) + 5 + len(tok.encode(" world"))
-    assert inputs.page_spans == [(start_b - len(tok.encode(" world")) - 5, start_b - len(tok.encode(" world"))),
-                                 (start_b, start_b + 3)]
+    assert inputs.page_spans == [
+        (start_b - len(tok.encode(" world")) - 5, start_b - len(tok.encode(" world"))),
+        (start_b, start_b + 3),
+    ]
     embeds = inputs.inputs_embeds[0]
     (s0, e0), (s1, e1) = inputs.page_spans
     torch.testing.assert_close(embeds[s0:e0], a)
     torch.testing.assert_close(embeds[s1:e1], b)
     text_pos = ~inputs.image_mask[0]
-    torch.testing.assert_close(embeds[text_pos], model.decoder.embed_tokens(inputs.input_ids[0][text_pos]))
+    torch.testing.assert_close(
+        embeds[text_pos], model.decoder.embed_tokens(inputs.input_ids[0][text_pos])
+    )
     assert inputs.position_ids[0].tolist() == list(range(len(ids)))
     assert inputs.attention_mask.sum() == len(ids)
 
 
 def test_page_images_expand_to_their_vision_token_counts(model):
     img = Image.new("RGB", (1000, 1400), "white")
-    inputs = model.assemble([PageImage(img, "gundam"), "x", PageImage(img, "tiny")], max_new_tokens=1)
+    inputs = model.assemble(
+        [PageImage(img, "gundam"), "x", PageImage(img, "tiny")], max_new_tokens=1
+    )
     sizes = [e - s for s, e in inputs.page_spans]
     assert sizes == [get_mode("gundam").vision_tokens(1000, 1400), get_mode("tiny").vision_tokens()]
     assert int(inputs.image_mask.sum()) == sum(sizes)

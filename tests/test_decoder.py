@@ -56,7 +56,9 @@ def test_converted_experts_compute_the_official_moe(decoder):
     x = torch.randn(5, 64)
     with torch.no_grad():
         ours = decoder.model.layers[1].mlp(x[None])[0]
-    torch.testing.assert_close(ours, reference_moe(x, tensors, 1, TINY_DECODER), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ours, reference_moe(x, tensors, 1, TINY_DECODER), rtol=1e-4, atol=1e-5
+    )
     assert type(decoder.model.layers[0].mlp).__name__.endswith("MLP")  # first layer dense
 
 

@@ -67,7 +67,9 @@ def test_sampling_is_seeded(model, segments):
     b = model.generate_ids(segments, max_new_tokens=10, do_sample=True, temperature=1.5, seed=3)
     assert a == b
     others = {
-        tuple(model.generate_ids(segments, max_new_tokens=10, do_sample=True, temperature=1.5, seed=s))
+        tuple(
+            model.generate_ids(segments, max_new_tokens=10, do_sample=True, temperature=1.5, seed=s)
+        )
         for s in range(4, 8)
     }
     assert len(others | {tuple(a)}) > 1
@@ -83,7 +85,9 @@ def test_max_new_tokens_and_eos(model, segments, monkeypatch):
 
 def test_prompt_with_image_placeholders(model):
     img = Image.new("RGB", (700, 500), "white")
-    text = model.generate_from_prompt("<image>\nFree OCR.", images=[PageImage(img, "small")], max_new_tokens=4)
+    text = model.generate_from_prompt(
+        "<image>\nFree OCR.", images=[PageImage(img, "small")], max_new_tokens=4
+    )
     assert text == model.generate([PageImage(img, "small"), "\nFree OCR."], max_new_tokens=4)
     with pytest.raises(ValueError, match="placeholder"):
         model.generate_from_prompt("<image><image>\nFree OCR.", images=[PageImage(img, "small")])
@@ -105,11 +109,28 @@ def test_ocr_command(tmp_path, model, capsys):
 
     ckpt = write_checkpoint(tmp_path / "ckpt")
     Image.new("RGB", (300, 200), "white").save(tmp_path / "page.png")
-    assert main(["ocr", str(tmp_path / "page.png"), "--model", str(ckpt), "--mode", "small",
-                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "ocr",
+                str(tmp_path / "page.png"),
+                "--model",
+                str(ckpt),
+                "--mode",
+                "small",
+                "--max-new-tokens",
+                "6",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     expected = model.generate_from_prompt(
-        "<image>\nFree OCR.", images=[PageImage(Image.open(tmp_path / "page.png").convert("RGB"), "small")],
-        max_new_tokens=6, no_repeat_ngram_size=20,
+        "<image>\nFree OCR.",
+        images=[PageImage(Image.open(tmp_path / "page.png").convert("RGB"), "small")],
+        max_new_tokens=6,
+        no_repeat_ngram_size=20,
     )
     assert printed == expected + "\n"

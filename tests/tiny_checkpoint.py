@@ -160,7 +160,9 @@ def write_checkpoint(
     if encoder:
         from tests.tiny_encoder import write_tiny_encoder
 
-        write_tiny_encoder(path, seed=seed + 1, hidden_size=lang["hidden_size"], filename="encoder.safetensors")
+        write_tiny_encoder(
+            path, seed=seed + 1, hidden_size=lang["hidden_size"], filename="encoder.safetensors"
+        )
     if tokenizer:
         write_tokenizer(path, lang["vocab_size"], image_token_id)
     return path

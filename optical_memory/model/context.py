@@ -148,7 +148,9 @@ class ContextAssembler:
         with torch.no_grad():
             embeds = self.embed_tokens(input_ids)  # [1, seq, hidden]
             if pages:
-                page_embeds = torch.cat([p.to(device=weight.device, dtype=weight.dtype) for p in pages])
+                page_embeds = torch.cat(
+                    [p.to(device=weight.device, dtype=weight.dtype) for p in pages]
+                )
                 embeds[image_mask] = page_embeds
         return DecoderInputs(
             input_ids=input_ids,

@@ -73,9 +73,13 @@ class DecoderConfig:
         }
         for key, (value, expected) in unsupported.items():
             if value != expected:
-                raise ValueError(f"decoder config: {key}={value!r} is not supported (expected {expected!r})")
+                raise ValueError(
+                    f"decoder config: {key}={value!r} is not supported (expected {expected!r})"
+                )
         if lang.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
-            raise ValueError(f"decoder config: topk_method={lang['topk_method']!r} is not supported")
+            raise ValueError(
+                f"decoder config: topk_method={lang['topk_method']!r} is not supported"
+            )
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in lang.items() if k in names and v is not None}
         if "num_key_value_heads" not in values and "num_attention_heads" in values:
@@ -233,7 +237,9 @@ def convert_state_dict(
         filled.setdefault(base, set()).add((expert, proj))
     for base, seen in filled.items():
         if len(seen) != 3 * e:
-            raise ValueError(f"{base}*: {3 * e - len(seen)} of {3 * e} routed expert weights are missing")
+            raise ValueError(
+                f"{base}*: {3 * e - len(seen)} of {3 * e} routed expert weights are missing"
+            )
     return out
 
 
@@ -257,14 +263,20 @@ def build_decoder(
     expected = set(decoder.state_dict())
     missing = sorted(expected - set(state_dict))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ValueError(f"checkpoint lacks decoder tensors: {shown}")
     for name, param in decoder.state_dict().items():
         got = state_dict[name]
         if tuple(got.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(got.shape)} != expected {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(got.shape)} != expected {tuple(param.shape)}"
+            )
         if got.device.type != device.type or got.dtype != dtype:
-            raise ValueError(f"{name}: tensor on {got.device}/{got.dtype}, expected {device}/{dtype}")
+            raise ValueError(
+                f"{name}: tensor on {got.device}/{got.dtype}, expected {device}/{dtype}"
+            )
     decoder.load_state_dict(
         {k: v for k, v in state_dict.items() if k in expected}, strict=True, assign=True
     )

@@ -34,7 +34,12 @@ class OCRTokenizer:
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer in checkpoint directory: {file} is missing")
-        return cls(Tokenizer.from_file(str(file)), bos_id=bos_id, eos_id=eos_id, name=f"{Path(path).name}/tokenizer.json")
+        return cls(
+            Tokenizer.from_file(str(file)),
+            bos_id=bos_id,
+            eos_id=eos_id,
+            name=f"{Path(path).name}/tokenizer.json",
+        )
 
     @property
     def vocab_size(self) -> int:
