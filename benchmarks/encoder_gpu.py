@@ -92,13 +92,25 @@ def timed(fn: Callable[[], object], min_seconds: float, min_iters: int = 3) -> f
     """Seconds per call, after two warm-up calls."""
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
     n, start = 0, time.perf_counter()
     while n < min_iters or time.perf_counter() - start < min_seconds:
         fn()
         n += 1
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / n
+
+
+def profile(fn: Callable[[], object], title: str) -> None:
+    """Print the kernels that take the most GPU time in one call of `fn` (after warm-up)."""
+    timed(fn, 0.0, min_iters=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"--- {title}")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+    )
 
 
 def matmul_peak(min_seconds: float) -> float:
@@ -112,12 +124,18 @@ def measure(fn: Callable[[], object], batch: int, min_seconds: float) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
     try:
+        fn()
+        first_call = time.perf_counter() - start
         seconds = timed(fn, min_seconds)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"oom": True}
+    except Exception as exc:  # noqa: BLE001 (a failing variant is recorded, the others still run)
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return {
+        "first_call_s": first_call,
         "pages_per_s": batch / seconds,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "activation_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
@@ -162,7 +180,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoder_gpu.json"))
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--sam-attention", nargs="+", default=["folded", "bias"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["fast", "transformers"],
+        help="SAM implementation of ours (fast, transformers), optionally +compile (Encoder.compile) "
+        "and/or +graphs (Encoder.enable_cuda_graphs)",
+    )
+    parser.add_argument("--profile", nargs=2, metavar=("MODE", "BATCH"), help="print top kernels")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -189,10 +214,20 @@ def main() -> None:
         preprocess[mode] = n / (time.perf_counter() - start)
 
     rows = []
-    for variant in args.sam_attention:
+    for variant in args.variants:
         encoder = Encoder.from_tensors(
-            config, tensors, "cuda", torch.bfloat16, sam_attention=variant
+            config,
+            tensors,
+            "cuda",
+            torch.bfloat16,
+            sam_implementation=variant.split("+")[0],
+            cuda_graphs="+graphs" in variant,
         )
+        if "+compile" in variant:
+            encoder.compile()
+        if args.profile:
+            mode, batch = args.profile[0], int(args.profile[1])
+            profile(partial(encoder.encode_views, [views[mode]] * batch), f"ours ({variant})")
         for mode in args.modes:
             for batch in args.batches:
                 batch_views = [views[mode]] * batch
@@ -201,7 +236,7 @@ def main() -> None:
                 )
                 rows.append({"impl": f"ours ({variant})", "mode": mode, "batch": batch, **result})
                 print(json.dumps(rows[-1]), flush=True)
-            if variant == args.sam_attention[0]:
+            if variant == args.variants[0]:
                 batch = max(args.batches)
                 batch_views = [host_views[mode]] * batch
                 result = measure(
@@ -221,6 +256,10 @@ def main() -> None:
 
     if args.reference:
         forward = reference_forward(args.reference, tensors)
+        if args.profile:
+            v, batch = views[args.profile[0]], int(args.profile[1])
+            pixels = normalize(v.global_view.cuda(), torch.bfloat16)
+            profile(partial(forward, pixels.expand(batch, -1, -1, -1).contiguous()), "reference")
         for mode in args.modes:
             v = views[mode]
             for batch in args.batches:
@@ -263,6 +302,7 @@ def main() -> None:
         "page_sizes": {m: list(PAGE_SIZES[m]) for m in args.modes},
         "cpu_preprocess_pages_per_s_one_thread": preprocess,
         "rows": rows,
+        "compile_note": "+compile rows: first two calls (warm-up, untimed) include compilation",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -168,7 +168,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=list(MODES))
-    parser.add_argument("--sam-attention", default="folded", choices=["folded", "bias"])
+    parser.add_argument("--sam-implementation", default="fast", choices=["fast", "transformers"])
     args = parser.parse_args()
     sys.path.insert(0, str(args.reference))
     torch.manual_seed(args.seed)
@@ -184,7 +184,7 @@ def main() -> None:
         (workdir / "config.json").write_text(json.dumps(official_config))
         save_file(tensors, str(workdir / "model.safetensors"))
         ours = load_encoder(
-            workdir, device="cpu", dtype=torch.float32, sam_attention=args.sam_attention
+            workdir, device="cpu", dtype=torch.float32, sam_implementation=args.sam_implementation
         )
     finally:
         shutil.rmtree(workdir)
@@ -236,7 +236,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "dtype": "float32",
-        "sam_attention": args.sam_attention,
+        "sam_implementation": args.sam_implementation,
         "threshold_relative_error": 1e-4,
         "seed": args.seed,
         "results": rows,

@@ -93,13 +93,13 @@ def test_unknown_mode_names_valid_ones(encoder):
         encoder.encode(page(100, 100), "ultra")
 
 
-def test_folded_relative_positions_equal_the_bias_attention(tmp_path):
+def test_fast_sam_modules_equal_transformers_sam(tmp_path):
     write_tiny_encoder(tmp_path, seed=5)
-    folded = load_encoder(tmp_path, sam_attention="folded")
-    bias = load_encoder(tmp_path, sam_attention="bias")
+    fast = load_encoder(tmp_path, sam_implementation="fast")
+    reference = load_encoder(tmp_path, sam_implementation="transformers")
     image = page(900, 700)
     torch.testing.assert_close(
-        folded.encode(image, "base"), bias.encode(image, "base"), rtol=1e-4, atol=1e-5
+        fast.encode(image, "base"), reference.encode(image, "base"), rtol=1e-4, atol=1e-5
     )
-    with pytest.raises(ValueError, match="valid: folded, bias"):
-        load_encoder(tmp_path, sam_attention="flash")
+    with pytest.raises(ValueError, match="valid: fast, transformers"):
+        load_encoder(tmp_path, sam_implementation="flash")

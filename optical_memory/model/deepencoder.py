@@ -29,9 +29,9 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from optical_memory.model.config import ClipConfig, EncoderConfig, SamConfig
-from optical_memory.model.sam_attention import use_folded_rel_pos_attention
+from optical_memory.model.sam_attention import use_fast_sam_modules
 
-SAM_ATTENTION = ("folded", "bias")
+SAM_IMPLEMENTATIONS = ("fast", "transformers")
 
 
 def clip_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -45,10 +45,11 @@ def clip_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def build_sam(config: SamConfig, attention: str = "folded") -> DeepseekOcr2SamVisionEncoder:
-    """transformers' SAM encoder; `attention="folded"` swaps its global layers to `FoldedRelPosAttention`."""
-    if attention not in SAM_ATTENTION:
-        raise ValueError(f"unknown SAM attention {attention!r}; valid: {', '.join(SAM_ATTENTION)}")
+def build_sam(config: SamConfig, implementation: str = "fast") -> DeepseekOcr2SamVisionEncoder:
+    """transformers' SAM encoder; "fast" swaps in the modules of `sam_attention` (same results)."""
+    if implementation not in SAM_IMPLEMENTATIONS:
+        valid = ", ".join(SAM_IMPLEMENTATIONS)
+        raise ValueError(f"unknown SAM implementation {implementation!r}; valid: {valid}")
     hf_config = DeepseekOcr2SamVisionConfig(
         hidden_size=config.width,
         output_channels=config.out_channels,
@@ -64,8 +65,8 @@ def build_sam(config: SamConfig, attention: str = "folded") -> DeepseekOcr2SamVi
     )
     hf_config._attn_implementation = "sdpa"
     sam = DeepseekOcr2SamVisionEncoder(hf_config)
-    if attention == "folded":
-        use_folded_rel_pos_attention(sam)
+    if implementation == "fast":
+        use_fast_sam_modules(sam)
     return sam
 
 
@@ -141,12 +142,12 @@ class DeepEncoder(nn.Module):
         self,
         config: EncoderConfig,
         clip_attn_implementation: str = "sdpa",
-        sam_attention: str = "folded",
+        sam_implementation: str = "fast",
     ) -> None:
         super().__init__()
         self.config = config
         n_embed = config.projector.n_embed
-        self.sam_model = build_sam(config.sam, sam_attention)
+        self.sam_model = build_sam(config.sam, sam_implementation)
         self.vision_model = ClipTrunk(config.clip, clip_attn_implementation)
         self.projector = LinearProjector(config.projector.input_dim, n_embed)
         self.image_newline = nn.Parameter(torch.randn(n_embed) / math.sqrt(n_embed))

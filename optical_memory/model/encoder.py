@@ -21,6 +21,8 @@ from optical_memory.model.deepencoder import DeepEncoder, clip_attn_implementati
 from optical_memory.model.preprocess import Views, make_views, normalize
 from optical_memory.modes import Mode, get_mode
 
+MAX_CUDA_GRAPHS = 16
+
 
 def encoder_shapes(config: EncoderConfig) -> dict[str, torch.Size]:
     """Our parameter names -> shapes for `config`, without allocating weights."""
@@ -63,13 +65,22 @@ class Encoder:
     """A loaded DeepEncoder on one device and dtype, with preprocessing and the token layout."""
 
     def __init__(
-        self, model: DeepEncoder, fingerprint: str, device: torch.device, dtype: torch.dtype
+        self,
+        model: DeepEncoder,
+        fingerprint: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.fingerprint = fingerprint
         self.device = device
         self.dtype = dtype
         self.config = model.config
+        # input shape -> (graph, static input, static output), oldest first
+        self._graphs: dict[tuple[int, ...], tuple] | None = None
+        if cuda_graphs:
+            self.enable_cuda_graphs()
 
     @property
     def hidden_size(self) -> int:
@@ -83,18 +94,44 @@ class Encoder:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
-        sam_attention: str = "folded",
+        sam_implementation: str = "fast",
+        cuda_graphs: bool | None = None,
     ) -> Encoder:
-        """Build from official-named tensors (already checked against `config`)."""
+        """Build from official-named tensors (already checked against `config`).
+
+        `cuda_graphs` defaults to on for CUDA devices (see `enable_cuda_graphs`).
+        """
         device, dtype = resolve_device_dtype(device, dtype)
         with torch.device("meta"):
-            model = DeepEncoder(config, clip_attn_implementation(device, dtype), sam_attention)
+            model = DeepEncoder(config, clip_attn_implementation(device, dtype), sam_implementation)
         names = list(model.state_dict())
         state = {
             k: v.to(device=device, dtype=dtype) for k, v in ckpt.to_internal(tensors, names).items()
         }
         model.load_state_dict(state, strict=True, assign=True)
-        return cls(model, fingerprint(config, tensors), device, dtype)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        return cls(model, fingerprint(config, tensors), device, dtype, cuda_graphs)
+
+    def enable_cuda_graphs(self) -> None:
+        """Replay one captured CUDA graph per input shape instead of launching kernels one by one.
+
+        Removes the launch overhead that dominates small batches. Each new
+        (batch, view size) is captured on first use (tens of milliseconds) and
+        keeps its own memory; the `MAX_CUDA_GRAPHS` most recent shapes are kept.
+        """
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self._graphs = {}
+
+    def compile(self) -> None:
+        """torch.compile every SAM and CLIP layer in place (fuses the elementwise work).
+
+        Each new view size and batch size compiles on its first call; worth it
+        for long-running GPU workers, not for a few pages.
+        """
+        for layer in (*self.model.sam_model.layers, *self.model.vision_model.transformer.layers):
+            layer.compile()
 
     @torch.inference_mode()
     def encode(self, image: Image.Image, mode: str | Mode) -> torch.Tensor:
@@ -130,9 +167,31 @@ class Encoder:
         return out
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        # pixels: uint8 [B, 3, S, S] on the host -> features [B, (S/64)^2, hidden]
+        # pixels: uint8 [B, 3, S, S] -> features [B, (S/64)^2, hidden]; with CUDA graphs the
+        # result lives in the graph's output buffer until the next call of the same shape
         pixels = pixels.to(self.device, non_blocking=True)
-        return self.model(normalize(pixels, self.dtype))
+        if self._graphs is None:
+            return self.model(normalize(pixels, self.dtype))
+        key = tuple(pixels.shape)
+        if key not in self._graphs:
+            static_in = pixels.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: library plans and workspaces
+                self.model(normalize(static_in, self.dtype))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model(normalize(static_in, self.dtype))
+            self._graphs[key] = (graph, static_in, static_out)
+            if len(self._graphs) > MAX_CUDA_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]
+        else:
+            self._graphs[key] = self._graphs.pop(key)  # most recently used last
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out
 
 
 def resolve_device_dtype(
@@ -150,15 +209,18 @@ def load_encoder(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     *,
-    sam_attention: str = "folded",
+    sam_implementation: str = "fast",
+    cuda_graphs: bool | None = None,
 ) -> Encoder:
     """Load DeepEncoder from a checkpoint directory (config.json + *.safetensors, official names).
 
     Works with the full DeepSeek-OCR checkpoint and with a directory holding only
     the encoder tensors. Missing, unexpected or mis-shaped encoder tensors raise
-    one CheckpointError listing all of them. `sam_attention`: "folded" (default;
-    relative positions folded into the query-key product, no [L, L] bias) or
-    "bias" (transformers' SAM attention as is); both compute the same attention.
+    one CheckpointError listing all of them. `sam_implementation`: "fast" (default;
+    see `sam_attention`: relative positions folded into the query-key product,
+    patch embedding as a GEMM) or "transformers" (its SAM modules as they are);
+    both compute the same function. `cuda_graphs` (default: on for CUDA) replays
+    one captured CUDA graph per input shape.
     """
     directory = Path(path)
     config_path = directory / "config.json"
@@ -175,4 +237,11 @@ def load_encoder(
             f"{directory}: encoder tensors do not match config.json\n{problems.describe()}"
         )
     tensors = ckpt.read_tensors(locations, sorted(expected))
-    return Encoder.from_tensors(config, tensors, device, dtype, sam_attention=sam_attention)
+    return Encoder.from_tensors(
+        config,
+        tensors,
+        device,
+        dtype,
+        sam_implementation=sam_implementation,
+        cuda_graphs=cuda_graphs,
+    )
