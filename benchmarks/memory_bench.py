@@ -1,9 +1,9 @@
 """Memory benchmarks: append latency, plan latency, demo wall time, cache bytes per page.
 
 - append: p50/p99 of OpticalMemory.append (one turn, durable before return) on the
-  embedded SQLite file and on Redis; baseline in the same run: the bare store write
-  with the same durability (SQLite INSERT + COMMIT in WAL with synchronous=FULL;
-  Redis RPUSH), as a ratio.
+  embedded SQLite file and on Redis; baseline in the same run, called alternately
+  with ours: the bare store write with the same durability (SQLite INSERT + COMMIT
+  in WAL with synchronous=FULL; Redis RPUSH), as a ratio.
 - plan: OpticalMemory.plan with a query once pages are sealed, at 100, 1000 and
   10000 turns, median of repeated calls, pinned to one CPU; baseline in the same
   run: counting the whole history as plain text with the same tokenizer (what a
@@ -62,11 +62,31 @@ def time_each(fn, n: int) -> list[float]:
     return out
 
 
+def time_pair(ours, base, n: int) -> tuple[list[float], list[float]]:
+    """Latencies of `ours` and `base`, called alternately so both see the same machine."""
+    a, b = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        ours(i)
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        base(i)
+        b.append(time.perf_counter() - t)
+    return a, b
+
+
+def compare(ours: list[float], base: list[float], base_name: str) -> dict:
+    return {
+        "optical_memory": percentiles(ours),
+        base_name: percentiles(base),
+        "ratio_p50": round(statistics.median(ours) / statistics.median(base), 2),
+    }
+
+
 def bench_append(redis_url: str, n: int, workdir: Path) -> dict:
     results = {}
     # embedded SQLite
     mem = OpticalMemory(workdir / "append.sqlite3")
-    ours = time_each(lambda i: mem.append("bench", "user", f"turn {i} " * 20, turn_id=f"t{i}"), n)
     db = sqlite3.connect(workdir / "bare.sqlite3", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -77,25 +97,22 @@ def bench_append(redis_url: str, n: int, workdir: Path) -> dict:
         db.execute("INSERT INTO t VALUES (?, ?)", (i, f"turn {i} " * 20))
         db.execute("COMMIT")
 
-    base = time_each(bare_sqlite, n)
-    results["sqlite"] = {
-        "optical_memory": percentiles(ours),
-        "baseline_bare_insert_commit": percentiles(base),
-        "ratio_p50": round(statistics.median(ours) / statistics.median(base), 2),
-    }
+    ours, base = time_pair(
+        lambda i: mem.append("bench", "user", f"turn {i} " * 20, turn_id=f"t{i}"), bare_sqlite, n
+    )
+    results["sqlite"] = compare(ours, base, "baseline_bare_insert_commit")
     # Redis
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)
     try:
         mem = OpticalMemory(RedisStore(redis_url, prefix=prefix))
-        ours = time_each(lambda i: mem.append("bench", "user", f"turn {i} " * 20, turn_id=f"t{i}"), n)
         key = f"{prefix}:bare"
-        base = time_each(lambda i: client.rpush(key, f"turn {i} " * 20), n)
-        results["redis"] = {
-            "optical_memory": percentiles(ours),
-            "baseline_bare_rpush": percentiles(base),
-            "ratio_p50": round(statistics.median(ours) / statistics.median(base), 2),
-        }
+        ours, base = time_pair(
+            lambda i: mem.append("bench", "user", f"turn {i} " * 20, turn_id=f"t{i}"),
+            lambda i: client.rpush(key, f"turn {i} " * 20),
+            n,
+        )
+        results["redis"] = compare(ours, base, "baseline_bare_rpush")
     finally:
         keys = list(client.scan_iter(match=f"{prefix}:*"))
         if keys:
