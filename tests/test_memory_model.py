@@ -6,6 +6,12 @@ the stores' cache paths are covered on both stores by test_cache and test_stores
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from test_memory import conversation
@@ -14,15 +20,21 @@ from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy, Schedule
 from tests.tiny_checkpoint import write_checkpoint
 
+POLICY = Policy(
+    schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120, answer_tokens=8
+)
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
-def mem(tmp_path_factory) -> OpticalMemory:
-    checkpoint = write_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    policy = Policy(
-        schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120, answer_tokens=8
-    )
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def mem(tmp_path_factory, checkpoint) -> OpticalMemory:
     store = tmp_path_factory.mktemp("store") / "memory.sqlite3"
-    m = OpticalMemory(store, model=checkpoint, device="cpu", policy=policy)
+    m = OpticalMemory(store, model=checkpoint, device="cpu", policy=POLICY)
     m.extend("s", conversation(30))
     return m
 
@@ -81,3 +93,45 @@ def test_plan_recounts_pages_with_the_decoder_tokenizer(mem):
     for page, record in zip(plan.pages, records):
         texts = mem.pager.text_of(record, turns[record.first_turn :])
         assert page.text_tokens == sum(tokenizer.count(t) for t in texts) != record.text_tokens
+
+
+_ENCODER = textwrap.dedent(
+    """
+    import sys
+    from optical_memory.memory import OpticalMemory
+    from optical_memory.policy import Policy, Schedule
+    policy = Policy(schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120,
+                    answer_tokens=8)
+    mem = OpticalMemory(sys.argv[1], model=sys.argv[2], device="cpu", policy=policy)
+    put = mem.cache.put_tensor
+
+    def put_and_report(*args):
+        size = put(*args)
+        print("cached", flush=True)
+        return size
+
+    mem.cache.put_tensor = put_and_report
+    mem.encode_pages("s", mem.plan("s", "q"), batch_size=1)
+    """
+)
+
+
+def test_process_killed_while_encoding_loses_nothing(mem, checkpoint, tmp_path):
+    store = tmp_path / "killed.sqlite3"
+    OpticalMemory(store).extend("s", conversation(30))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ENCODER, str(store), str(checkpoint)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().strip() == "cached"  # one page encoded and cached
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    resumed = OpticalMemory(store, model=mem.model, policy=POLICY)
+    assert len(resumed.turns("s")) == 30
+    ctx = resumed.context("s", "q")
+    pages = ctx.plan.in_context()
+    assert 0 < ctx.encoded < len(pages)  # the next call finishes the work
+    encoder = mem.model.encoder
+    for page, tensor in zip(pages, ctx.segments):
+        expected = encoder.encode(resumed.page_image("s", page), page.mode)
+        torch.testing.assert_close(tensor, expected)
