@@ -108,12 +108,9 @@ class Pager:
         return records
 
     def sync(
-        self, session_id: str, window_start: int, turns: Sequence[Turn] | None = None
+        self, session_id: str, window_start: int
     ) -> tuple[list[PageRecord], PageRecord | None]:
-        """Seal every full page older than `window_start`; return the sealed pages and the open one.
-
-        `turns` may be passed when the caller already holds the whole turn log.
-        """
+        """Seal every full page older than `window_start`; return the sealed pages and the open one."""
         while True:
             records = self.sealed(session_id)
             end = records[-1].end if records else (0, 0)
@@ -122,11 +119,7 @@ class Pager:
             memo = self._open.get(session_id)
             if memo is not None and memo[:2] == (end, window_start):
                 return records, memo[2]
-            older = (
-                list(turns[end[0] : window_start])
-                if turns is not None
-                else self.store.turns(session_id, end[0], window_start)
-            )
+            older = self.store.turns(session_id, end[0], window_start)
             laid = self.renderer.paginate([t.to_message() for t in older], start=(0, end[1]))
             name = self.renderer.counter.name
             fresh = [
