@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
+_LAZY: dict[str, str] = {
     "OpticalMemory": "optical_memory.memory",
     "Mode": "optical_memory.modes",
     "MODES": "optical_memory.modes",
@@ -19,7 +19,16 @@ _LAZY = {
     "load_model": "optical_memory.model",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "MODES",
+    "Message",
+    "Mode",
+    "OpticalMemory",
+    "__version__",
+    "get_mode",
+    "load_encoder",
+    "load_model",
+]
 
 
 def __getattr__(name: str) -> Any:
