@@ -264,8 +264,9 @@ class OpticalMemory:
     `store`: None for the embedded SQLite file, a path, `sqlite:///path`,
     `redis://host:port/db`, or a Store. `model`: a checkpoint directory (loaded
     on first use by `context`/`ask`) or a loaded model. `render`: the page
-    geometry (default: the 1280x1280 Gundam canvas; lower modes are derived from
-    it by the encoder's preprocessing). `max_content_chars` bounds one turn.
+    geometry (default: `RenderConfig.memory_page()`, the 1280x1280 Gundam canvas;
+    lower modes are derived from it by the encoder's preprocessing).
+    `max_content_chars` bounds one turn.
     """
 
     def __init__(
@@ -286,7 +287,7 @@ class OpticalMemory:
         self._model_source = model if isinstance(model, (str, os.PathLike)) else None
         self._model = None if self._model_source is not None else model
         self._device, self._dtype = device, dtype
-        self._render_config = render or RenderConfig.for_mode("gundam")
+        self._render_config = render or RenderConfig.memory_page()
         self._pager: Pager | None = None
         self._recounted: dict[tuple[str, str], int] = {}  # (page hash, counter) -> text tokens
         self.cache = VisionCache(self.store)

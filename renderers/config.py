@@ -90,6 +90,20 @@ class RenderConfig:
         fields.update(overrides)
         return cls(**fields)
 
+    @classmethod
+    def memory_page(cls, **overrides: Any) -> RenderConfig:
+        """The memory's page: the 1280x1280 Gundam canvas at 14 px, any field overridden.
+
+        The memory renders a page once at 1280 and derives the other modes from it.
+        benchmarks/forgetting_curve.py (README, "Forgetting curve") measured 12-18 px:
+        14 px is the densest size whose native-resolution views (Large, Gundam's tiles)
+        keep a Tesseract CER of about 5%, and its chat pages (about 770 text tokens)
+        outweigh Gundam's 693 and Large's 421 vision tokens; at 18 px (about 580) they
+        did not, so the policy never chose Gundam. Base, Small and Tiny see the page
+        scaled to 11.2, 7 and 5.6 px, and fade.
+        """
+        return cls.for_mode("gundam", **{"font_size": 14, **overrides})
+
     def with_(self, **changes: Any) -> RenderConfig:
         return replace(self, **changes)
 
