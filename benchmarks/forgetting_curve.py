@@ -42,7 +42,7 @@ from PIL import Image
 from optical_memory.conversation import build_conversation
 from optical_memory.model.preprocess import global_view, local_tiles
 from optical_memory.modes import FADING_ORDER, get_mode
-from optical_memory.tokens import default_counter
+from optical_memory.tokens import TokenCounter, default_counter
 from renderers import RenderConfig, Renderer
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,10 +64,21 @@ def mode_view(page: Image.Image, mode_name: str) -> Image.Image:
     return stitched
 
 
-def chat_tokens_per_page(config: RenderConfig, counter) -> float:
+def chat_tokens_per_page(config: RenderConfig, counter: TokenCounter) -> float:
     """Mean text tokens over the full pages of the demo conversation at `config`."""
     pages = Renderer(config, counter).paginate(build_conversation(DEMO_TURNS))
     return float(np.mean([p.text_tokens for p in pages if p.full]))
+
+
+def densest_legible(rows: list[dict]) -> int | None:
+    """The smallest font size whose native view (Large) has CER <= CER_LIMIT and whose chat
+    pages hold more text tokens than Gundam costs; None when no measured size qualifies."""
+    ok = [
+        r["font_size"] for r in rows
+        if r["mode"] == "large" and r["cer"] <= CER_LIMIT
+        and r["chat_text_tokens_per_page"] > get_mode("gundam").vision_tokens(1280, 1280)
+    ]
+    return min(ok) if ok else None
 
 
 def main() -> None:
@@ -146,11 +157,17 @@ def main() -> None:
         "text_tokenizer": counter.name,
         "cer_limit": CER_LIMIT,
         "ocr_seconds": round(ocr_seconds, 1),
+        "rule": f"smallest size with Large CER <= {CER_LIMIT} and chat text tokens per page > Gundam's vision tokens",
+        "chosen_font_size": densest_legible(rows),
+        "memory_page_font_size": RenderConfig.memory_page().font_size,
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "forgetting_curve.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, cases, RESULTS / "forgetting_curve.png")
+    if result["chosen_font_size"] != result["memory_page_font_size"]:
+        print(f"note: RenderConfig.memory_page() uses {result['memory_page_font_size']} px, "
+              f"the measured choice is {result['chosen_font_size']} px")
 
 
 def plot(rows: list[dict], cases: list, path: Path) -> None:
