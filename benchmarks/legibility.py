@@ -43,8 +43,8 @@ SIZES = {
     "large": (16, 18, 20),
 }
 # The default per mode is the smallest measured size with CER <= CER_LIMIT, and at
-# least MIN_SIZE: pages rendered once at 1280 are scaled by 0.8 for Base, so the
-# 1280 default keeps 18 px to stay at Base's legible 14 px after scaling.
+# least MIN_SIZE: at 1280 the default keeps 18 px, the lowest CER measured there
+# (memory pages have their own density, chosen by forgetting_curve.py).
 CER_LIMIT = 0.05
 MIN_SIZE = {"large": 18}
 SENTENCES = {

@@ -16,8 +16,8 @@ LAYOUT_VERSION = 1  # bump when layout or rasterisation changes what a page look
 GUNDAM_TILE = 640
 
 # Defaults chosen with benchmarks/legibility.py (README, "Legibility"): the smallest
-# measured font size per mode whose Tesseract character error rate is <= 5%, and 18 px
-# at 1280 so that pages rendered once at 1280 and scaled to Base stay legible.
+# measured font size per mode whose Tesseract character error rate is <= 5%; at 1280
+# the lowest CER measured there, 18 px. Memory pages use memory_page() instead.
 _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"size": 512, "font_size": 12, "margin": 10},
     "small": {"size": 640, "font_size": 11, "margin": 12},
