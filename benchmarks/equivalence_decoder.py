@@ -30,6 +30,9 @@ The reference's bfloat16 run is its documented use: weights in bfloat16 under
 
     python benchmarks/equivalence_decoder.py --reference-code /work/ref/code \\
         --reference-python /work/ref/venv/bin/python --layers 4
+    # GPU, full size; the reference's transformers 4.46.3 in its own --target dir:
+    python benchmarks/equivalence_decoder.py --reference-code .reference/hfcode \\
+        --reference-python 'env PYTHONPATH=/tmp/ref_site python3' --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
