@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
+
+from optical_memory.model.decode_step import DecodeStep
 from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
+from optical_memory.model.experts import EXPERTS_IMPLEMENTATION
 from optical_memory.modes import get_mode
 
 ACTIVE_PARAMS_NOTE = "embedding lookup excluded; LM head on the last position only"
@@ -90,9 +94,9 @@ def active_params(cfg: DecoderConfig) -> int:
     )
 
 
-def build(cfg: DecoderConfig, experts: str | None) -> DeepseekOCRDecoder:
+def build(cfg: DecoderConfig) -> DeepseekOCRDecoder:
     with DEVICE:
-        dec = DeepseekOCRDecoder(cfg, "sdpa", experts)
+        dec = DeepseekOCRDecoder(cfg, "sdpa")
     return dec.to(torch.bfloat16).eval()
 
 
@@ -103,30 +107,82 @@ def prefill_ms(dec: DeepseekOCRDecoder, seq: int, batch: int = 1) -> float:
 
 
 @torch.no_grad()
-def text_model_prefill_ms(dec: DeepseekOCRDecoder, seq: int) -> float:
+def text_model_prefill_ms(model: DeepseekOcr2TextModel, seq: int) -> float:
     """transformers' text model alone (no LM head), as the published baseline was measured."""
-    ids = torch.randint(0, dec.config.vocab_size, (1, seq), device=DEVICE)
-    return timed(lambda: dec.model(input_ids=ids, use_cache=False))
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device=DEVICE)
+    return timed(lambda: model(input_ids=ids, use_cache=False))
 
 
 @torch.no_grad()
 def decode_tokens_per_s(
-    dec: DeepseekOCRDecoder, context: int, batch: int, steps: int = 64
+    dec: DeepseekOCRDecoder, context: int, batch: int, graphs: bool, steps: int = 64
 ) -> float:
+    """Greedy tokens/s after a `context`-long prefill: CUDA-graph decode steps over the static
+    window cache (`graphs`), or each step launched eagerly over transformers' DynamicCache."""
     emb = torch.randn(batch, context, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    positions = torch.arange(context, device=DEVICE).expand(batch, context)
 
-    def run() -> None:
+    def run_graphs() -> None:
+        with dec.decode_step(batch) as step:
+            token = step.prefill(emb, positions).argmax(-1, keepdim=True)
+            for i in range(steps):
+                token = step(token, torch.full_like(token, context + i)).argmax(-1, keepdim=True)
+
+    def run_eager() -> None:
         cache = dec.new_cache()
-        logits = dec(emb, past_key_values=cache, logits_to_keep=1)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token = dec(emb, past_key_values=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
         for i in range(steps):
             pos = torch.full((batch, 1), context + i, device=DEVICE, dtype=torch.long)
             logits = dec(dec.embed_tokens(token), position_ids=pos, past_key_values=cache)
             token = logits[:, -1].argmax(-1, keepdim=True)
 
-    total = timed(run, warmup=1, iters=3)
+    total = timed(run_graphs if graphs else run_eager, warmup=1, iters=3)
     only_prefill = timed(lambda: dec(emb, past_key_values=dec.new_cache(), logits_to_keep=1), 1, 3)
     return batch * steps / ((total - only_prefill) * 1e-3)
+
+
+@torch.no_grad()
+def check_decode_graph(dec: DeepseekOCRDecoder, context: int, steps: int = 32) -> dict:
+    """Graph-replayed steps against the same steps run eagerly, and against DynamicCache steps.
+
+    Graph and eager static steps run the same kernels on the same buffers, so
+    their greedy ids must be identical; DynamicCache steps attend over a
+    shorter key range with other kernels, so only bf16 closeness is expected.
+    """
+    emb = torch.randn(1, context, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    positions = torch.arange(context, device=DEVICE)[None]
+
+    def greedy(use_graph: bool) -> tuple[list[int], list[torch.Tensor]]:
+        step = DecodeStep(dec, batch=1)
+        step.use_graph = step.use_graph and use_graph
+        logits = step.prefill(emb, positions)
+        ids, all_logits = [], [logits]
+        for i in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            ids.append(int(token))
+            logits = step(token, torch.full_like(token, context + i))
+            all_logits.append(logits)
+        return ids, all_logits
+
+    graph_ids, graph_logits = greedy(True)
+    eager_ids, eager_logits = greedy(False)
+    cache = dec.new_cache()
+    dynamic = [dec(emb, past_key_values=cache, logits_to_keep=1)[:, -1]]
+    for i, token in enumerate(graph_ids):
+        pos = torch.full((1, 1), context + i, device=DEVICE, dtype=torch.long)
+        ids = torch.tensor([[token]], device=DEVICE)
+        dynamic.append(dec(dec.embed_tokens(ids), position_ids=pos, past_key_values=cache)[:, -1])
+
+    def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True))
+
+    return {
+        "steps": steps,
+        "graphs_used": DecodeStep(dec, batch=1).use_graph,
+        "graph_vs_eager_ids_identical": graph_ids == eager_ids,
+        "graph_vs_eager_logits_max_rel": rel(graph_logits, eager_logits),
+        "graph_vs_dynamic_cache_logits_max_rel": rel(graph_logits, dynamic),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         help="text tokens a Base page holds (default: 10x its 256 grid tokens, the ratio at which "
         "the DeepSeek-OCR paper reports ~97%% precision)",
     )
-    ap.add_argument("--experts", nargs="+", default=["eager", "grouped_mm"])
+    ap.add_argument("--experts", nargs="+", default=["grouped_mm", EXPERTS_IMPLEMENTATION])
     ap.add_argument(
         "--small",
         action="store_true",
@@ -188,18 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=1), flush=True)
 
-    # Baseline: transformers' own text model with its default experts implementation.
-    dec = build(cfg, None)
-    default_impl = dec.model.config._experts_implementation
+    # Baseline: transformers' own text model as it comes (its default experts implementation).
+    hf_config = cfg.to_transformers()
+    hf_config._attn_implementation = "sdpa"
+    with DEVICE:
+        baseline = DeepseekOcr2TextModel(hf_config).to(torch.bfloat16).eval()
     result["baseline"] = {
         "what": "transformers DeepseekOcr2TextModel, default experts implementation, SDPA, "
         "input_ids, no LM head",
-        "experts_implementation": default_impl,
+        "experts_implementation": baseline.config._experts_implementation,
         "prefill_len": args.prefill_len,
-        "prefill_ms": text_model_prefill_ms(dec, args.prefill_len),
-        "prefill_1024_ms": text_model_prefill_ms(dec, 1024),
+        "prefill_ms": text_model_prefill_ms(baseline, args.prefill_len),
+        "prefill_1024_ms": text_model_prefill_ms(baseline, 1024),
     }
+    del baseline
     print(json.dumps(result["baseline"]), flush=True)
+
+    dec = build(cfg)
 
     runs = {}
     for impl in args.experts:
@@ -211,9 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         r["prefill_tflops"] = prefill_flops(cfg, args.prefill_len) / (r["prefill_ms"] * 1e-3) / 1e12
         r["fraction_of_matmul_peak"] = r["prefill_tflops"] / result["matmul_peak_tflops"]
         r["optical_prefill_ms"] = prefill_ms(dec, optical_len)
-        r["decode_tokens_per_s"] = {
-            str(b): decode_tokens_per_s(dec, optical_len, b) for b in (1, 8)
+        r["decode_tokens_per_s_eager_steps"] = {
+            str(b): decode_tokens_per_s(dec, optical_len, b, graphs=False) for b in (1, 8)
         }
+        if impl == EXPERTS_IMPLEMENTATION:
+            r["decode_tokens_per_s_graph_steps"] = {
+                str(b): decode_tokens_per_s(dec, optical_len, b, graphs=True) for b in (1, 8)
+            }
+            r["decode_graph_check"] = check_decode_graph(dec, optical_len)
         runs[impl] = r
         print(impl, json.dumps(r), flush=True)
     best = min(runs, key=lambda k: runs[k]["prefill_ms"])

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from optical_memory.model.decoder import DecoderConfig, convert_state_dict
+from optical_memory.model.experts import grouped_experts_forward
 from optical_memory.model.optical_model import load_decoder, resolve_device_dtype
 from tests.tiny_checkpoint import TINY_DECODER, decoder_tensors, write_checkpoint
 
@@ -62,6 +63,20 @@ def test_converted_experts_compute_the_official_moe(decoder):
     assert type(decoder.model.layers[0].mlp).__name__.endswith("MLP")  # first layer dense
 
 
+def test_experts_forward_matches_transformers_eager_experts(decoder):
+    """Our grouped forward against transformers' per-expert loop, with idle and crowded experts."""
+    experts = decoder.model.layers[1].mlp.experts
+    torch.manual_seed(1)
+    x = torch.randn(7, 64)
+    index = torch.tensor([[0, 1], [1, 0], [5, 1], [1, 5], [0, 1], [5, 0], [1, 0]])  # 5 experts idle
+    weights = torch.rand(7, 2)
+    with torch.no_grad():
+        ours = grouped_experts_forward(experts, x, index, weights)
+        # transformers' decorator keeps the module's own (eager) forward as __wrapped__
+        eager = type(experts).forward.__wrapped__(experts, x, index, weights)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_missing_expert_is_named():
     tensors = decoder_tensors(TINY_DECODER, seed=0)
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
@@ -78,6 +93,38 @@ def test_kv_cache_matches_full_forward(decoder):
         rest = decoder(emb[:, 8:], position_ids=torch.arange(8, 12)[None], past_key_values=cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-4, atol=1e-4)
     assert cache.get_seq_length() == 12
+
+
+def test_static_decode_step_matches_dynamic_cache(decoder):
+    """Prefill + one-token steps over the static window buffers == transformers' DynamicCache."""
+    torch.manual_seed(2)
+    emb = torch.randn(2, 10, 64)
+    tokens = torch.randint(0, 512, (2, 4))
+    with torch.no_grad():
+        cache = decoder.new_cache()
+        expected = [decoder(emb, past_key_values=cache, logits_to_keep=1)[:, -1]]
+        for i in range(4):
+            pos = torch.full((2, 1), 10 + i)
+            step_emb = decoder.embed_tokens(tokens[:, i : i + 1])
+            expected.append(decoder(step_emb, position_ids=pos, past_key_values=cache)[:, -1])
+        with decoder.decode_step(batch=2) as step:
+            got = [step.prefill(emb, torch.arange(10).expand(2, 10))]
+            got += [step(tokens[:, i : i + 1], torch.full((2, 1), 10 + i)) for i in range(4)]
+            assert step.length == 14 and int(step.mask.sum()) == 2 * 14
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_are_reused_and_never_shared(decoder):
+    with decoder.decode_step(batch=1) as a, decoder.decode_step(batch=1) as b:
+        assert a is not b
+    with decoder.decode_step(batch=1) as c:
+        assert c in (a, b)
+    with decoder.decode_step(batch=1) as step, pytest.raises(RuntimeError, match="before prefill"):
+        step.length = 0
+        step(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    with decoder.decode_step(batch=1) as step, pytest.raises(ValueError, match="window"):
+        step.prefill(torch.zeros(1, decoder.config.max_position_embeddings, 64), None)
 
 
 def test_loading_is_deterministic_and_float32_rope(ckpt, decoder):

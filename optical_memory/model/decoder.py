@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -27,6 +28,9 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2TextModel,
     DeepseekOcr2TextRotaryEmbedding,
 )
+
+from optical_memory.model.decode_step import DecodeStep
+from optical_memory.model.experts import EXPERTS_IMPLEMENTATION
 
 # Tensor-name prefixes of the decoder inside the full DeepSeek-OCR checkpoint.
 DECODER_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
@@ -143,16 +147,16 @@ class DeepseekOCRDecoder(nn.Module):
         self,
         config: DecoderConfig,
         attn_implementation: str = "sdpa",
-        experts_implementation: str | None = None,
+        experts_implementation: str = EXPERTS_IMPLEMENTATION,
     ) -> None:
         super().__init__()
         self.config = config
         hf_config = config.to_transformers()
         hf_config._attn_implementation = attn_implementation
-        if experts_implementation is not None:
-            hf_config._experts_implementation = experts_implementation
+        hf_config._experts_implementation = experts_implementation
         self.model = DeepseekOcr2TextModel(hf_config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._idle_decode_steps: dict[int, list[DecodeStep]] = {}
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -168,6 +172,20 @@ class DeepseekOCRDecoder(nn.Module):
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
+
+    @contextmanager
+    def decode_step(self, batch: int = 1) -> Iterator[DecodeStep]:
+        """A `DecodeStep` for `batch` sequences, held for the `with` block.
+
+        Steps are kept and reused (their window-long KV buffers and CUDA
+        graphs); concurrent generations each get their own.
+        """
+        idle = self._idle_decode_steps.setdefault(batch, [])
+        step = idle.pop() if idle else DecodeStep(self, batch)
+        try:
+            yield step
+        finally:
+            idle.append(step)
 
     def forward(
         self,
@@ -250,7 +268,7 @@ def build_decoder(
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str | None = None,
-    experts_implementation: str | None = None,
+    experts_implementation: str = EXPERTS_IMPLEMENTATION,
 ) -> DeepseekOCRDecoder:
     """A decoder holding exactly `state_dict` (converted names), with no random initialisation.
 

@@ -1,7 +1,8 @@
 """Token generation over an assembled context, with a KV cache.
 
 Greedy by default (as the reference runs), optional temperature / top-p
-sampling, and the reference's no-repeat n-gram rule. The logits processors are
+sampling, and the reference's no-repeat n-gram rule. Steps run over a static
+KV cache (see `decode_step`), replayed from a CUDA graph on the GPU. The logits processors are
 transformers' own, applied to the whole id sequence (context placeholders
 included) exactly as `generate` would.
 """
@@ -66,31 +67,19 @@ def generate_ids(
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=decoder.device).manual_seed(config.seed)
-    cache = decoder.new_cache()
     ids = inputs.input_ids  # [1, seq]: grows with each new token (for the n-gram rule)
-    logits = decoder(
-        inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
-        position_ids=inputs.position_ids,
-        past_key_values=cache,
-        logits_to_keep=1,
-    )[:, -1]  # [1, vocab]
-    for step in range(config.max_new_tokens):
-        scores = processors(ids, logits)
-        if config.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)  # [1, 1]
-        else:
-            token = scores.argmax(dim=-1, keepdim=True)  # [1, 1]
-        value = int(token)
-        yield value
-        if value == eos_id or step == config.max_new_tokens - 1:
-            return
-        ids = torch.cat([ids, token], dim=1)
-        position = torch.full((1, 1), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
-        logits = decoder(
-            decoder.embed_tokens(token),
-            attention_mask=torch.ones_like(ids),
-            position_ids=position,
-            past_key_values=cache,
-        )[:, -1]
+    with decoder.decode_step(batch=1) as step:
+        logits = step.prefill(inputs.inputs_embeds, inputs.position_ids)  # [1, vocab]
+        for i in range(config.max_new_tokens):
+            scores = processors(ids, logits)
+            if config.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)  # [1, 1]
+            else:
+                token = scores.argmax(dim=-1, keepdim=True)  # [1, 1]
+            value = int(token)
+            yield value
+            if value == eos_id or i == config.max_new_tokens - 1:
+                return
+            ids = torch.cat([ids, token], dim=1)
+            logits = step(token, torch.full_like(token, ids.shape[1] - 1))

@@ -85,8 +85,6 @@ def load_decoder(
     path: str | Path,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
-    *,
-    experts_implementation: str | None = None,
 ) -> DeepseekOCRDecoder:
     """The decoder of a checkpoint directory (config.json + safetensors, official names)."""
     path = Path(path)
@@ -97,9 +95,7 @@ def load_decoder(
         raise ValueError(
             f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)"
         )
-    return build_decoder(
-        config, tensors, device=dev, dtype=dt, experts_implementation=experts_implementation
-    )
+    return build_decoder(config, tensors, device=dev, dtype=dt)
 
 
 class OpticalModel:
