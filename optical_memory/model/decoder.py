@@ -211,7 +211,16 @@ class DeepseekOCRDecoder(nn.Module):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden).float()
+        return self._lm_head(hidden)
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [batch, seq, vocab]; on the GPU, half-precision weights accumulate
+        straight into float32, since logits rounded to bf16 (0.016 apart near 4) tie easily."""
+        if not (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)):
+            return self.lm_head(hidden).float()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+        logits = torch.mm(flat, self.lm_head.weight.t(), out_dtype=torch.float32)
+        return logits.view(*hidden.shape[:-1], -1)
 
 
 def convert_state_dict(

@@ -31,7 +31,11 @@ def uses_grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     Elsewhere (the CPU, float32 or float16 on CUDA) they run one GEMM per
     expert, which reads the group sizes on the host.
     """
-    return device.type == "cuda" and dtype == torch.bfloat16
+    return (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
 
 
 def grouped_mm(
