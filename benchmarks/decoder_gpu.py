@@ -5,13 +5,17 @@ Measured in one run, so ratios compare like with like:
 
 - the bf16 matmul peak of this GPU (8192^3 GEMM), for the fraction of peak;
 - prefill of 8192 tokens with transformers' own DeepSeek-OCR-2 text model as it
-  comes (its default experts implementation), the baseline, and with the expert
-  implementation this project uses;
+  comes (its default experts implementation), the baseline, and with our decoder
+  under each experts implementation of `--experts` (transformers' `grouped_mm`
+  and ours);
 - prefill latency and KV-cache bytes of an optical context (N Base pages of 273
   vision tokens + text turns) and of the same conversation kept as plain text
   (pages x text tokens per page + the same turns), the latter past the 8192
   window only as a cost figure;
-- decode tokens/s at batch 1 and 8 after that optical context.
+- decode tokens/s at batch 1 and 8 after that optical context: steps launched
+  eagerly over transformers' DynamicCache, and (ours) CUDA-graph steps over the
+  static window cache, with a check of the graph's logits and greedy ids against
+  the same steps run eagerly.
 
     python benchmarks/decoder_gpu.py --out benchmarks/results/decoder_gpu.json
 """
@@ -28,7 +32,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
 
 from optical_memory.model.decode_step import DecodeStep

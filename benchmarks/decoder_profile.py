@@ -18,7 +18,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder  # noqa: E402
+from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
 
 
 @torch.inference_mode()
