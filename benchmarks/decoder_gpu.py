@@ -36,7 +36,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr
 
 from optical_memory.model.decode_step import DecodeStep
 from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
-from optical_memory.model.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.model.experts import EXPERTS_IMPLEMENTATION, uses_grouped_kernel
 from optical_memory.modes import get_mode
 
 ACTIVE_PARAMS_NOTE = "embedding lookup excluded; LM head on the last position only"
@@ -181,7 +181,7 @@ def check_decode_graph(dec: DeepseekOCRDecoder, context: int, steps: int = 32) -
 
     return {
         "steps": steps,
-        "graphs_used": DecodeStep(dec, batch=1).use_graph,
+        "graphs_used": uses_grouped_kernel(dec.device, dec.dtype),
         "graph_vs_eager_ids_identical": graph_ids == eager_ids,
         "graph_vs_eager_logits_max_rel": rel(graph_logits, eager_logits),
         "graph_vs_dynamic_cache_logits_max_rel": rel(graph_logits, dynamic),
