@@ -34,9 +34,10 @@ import torch
 import transformers
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
 
-from optical_memory.model.decode_step import DecodeStep
-from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
-from optical_memory.model.experts import EXPERTS_IMPLEMENTATION, uses_grouped_kernel
+from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
+from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION, uses_grouped_kernel
+from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder
+from optical_memory.backends.deepseek_ocr.runtime import DecodeStep
 from optical_memory.modes import get_mode
 
 ACTIVE_PARAMS_NOTE = "embedding lookup excluded; LM head on the last position only"
@@ -106,7 +107,7 @@ def build(cfg: DecoderConfig) -> DeepseekOCRDecoder:
 @torch.no_grad()
 def prefill_ms(dec: DeepseekOCRDecoder, seq: int, batch: int = 1) -> float:
     emb = torch.randn(batch, seq, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
-    return timed(lambda: dec(emb, past_key_values=dec.new_cache(), logits_to_keep=1))
+    return timed(lambda: dec(emb, cache=dec.new_cache(), logits_to_keep=1))
 
 
 @torch.no_grad()
@@ -133,14 +134,14 @@ def decode_tokens_per_s(
 
     def run_eager() -> None:
         cache = dec.new_cache()
-        token = dec(emb, past_key_values=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        token = dec(emb, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
         for i in range(steps):
             pos = torch.full((batch, 1), context + i, device=DEVICE, dtype=torch.long)
-            logits = dec(dec.embed_tokens(token), position_ids=pos, past_key_values=cache)
+            logits = dec(dec.embed_tokens(token), position_ids=pos, cache=cache)
             token = logits[:, -1].argmax(-1, keepdim=True)
 
     total = timed(run_graphs if graphs else run_eager, warmup=1, iters=3)
-    only_prefill = timed(lambda: dec(emb, past_key_values=dec.new_cache(), logits_to_keep=1), 1, 3)
+    only_prefill = timed(lambda: dec(emb, cache=dec.new_cache(), logits_to_keep=1), 1, 3)
     return batch * steps / ((total - only_prefill) * 1e-3)
 
 
@@ -170,11 +171,11 @@ def check_decode_graph(dec: DeepseekOCRDecoder, context: int, steps: int = 32) -
     graph_ids, graph_logits = greedy(True)
     eager_ids, eager_logits = greedy(False)
     cache = dec.new_cache()
-    dynamic = [dec(emb, past_key_values=cache, logits_to_keep=1)[:, -1]]
+    dynamic = [dec(emb, cache=cache, logits_to_keep=1)[:, -1]]
     for i, token in enumerate(graph_ids):
         pos = torch.full((1, 1), context + i, device=DEVICE, dtype=torch.long)
         ids = torch.tensor([[token]], device=DEVICE)
-        dynamic.append(dec(dec.embed_tokens(ids), position_ids=pos, past_key_values=cache)[:, -1])
+        dynamic.append(dec(dec.embed_tokens(ids), position_ids=pos, cache=cache)[:, -1])
 
     def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True))

@@ -20,9 +20,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from optical_memory.model.decode_step import DecodeStep
-from optical_memory.model.decoder import DecoderConfig, DeepseekOCRDecoder
-from optical_memory.model.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
+from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder
+from optical_memory.backends.deepseek_ocr.runtime import DecodeStep
 
 
 @torch.inference_mode()

@@ -28,9 +28,10 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
-from optical_memory.model import Encoder, EncoderConfig, make_views, random_encoder_tensors
-from optical_memory.model.config import SamConfig
-from optical_memory.model.preprocess import Views, normalize
+from optical_memory.backends.deepseek_ocr import Encoder, EncoderConfig, make_views
+from optical_memory.backends.deepseek_ocr.configuration import SamConfig
+from optical_memory.backends.deepseek_ocr.preprocess import Views, normalize
+from optical_memory.backends.deepseek_ocr.testing import random_encoder_tensors
 from optical_memory.modes import MODES, get_mode
 
 # a page size per mode; Gundam's 1280x1280 page gets a 2x2 grid of 640 tiles (693 tokens)

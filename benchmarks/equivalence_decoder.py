@@ -99,8 +99,13 @@ def make_images() -> list[Image.Image]:
 def write_random_checkpoint(path: Path, layers: int, experts: int, seed: int) -> None:
     from safetensors.torch import save_file
 
-    from optical_memory.model import EncoderConfig, random_encoder_tensors
-    from tests.tiny_checkpoint import OFFICIAL_DECODER, decoder_tensors, write_tokenizer
+    from optical_memory.backends.deepseek_ocr import EncoderConfig
+    from optical_memory.backends.deepseek_ocr.testing import (
+        OFFICIAL_DECODER,
+        decoder_tensors,
+        random_encoder_tensors,
+        write_tokenizer,
+    )
 
     lang = {**OFFICIAL_DECODER, "num_hidden_layers": layers, "n_routed_experts": experts}
     enc = EncoderConfig()
@@ -116,7 +121,7 @@ def save_views(images: list[Image.Image], path: Path) -> None:
     """Our preprocessing of every (image, mode) the comparison uses, normalised float32."""
     from safetensors.torch import save_file
 
-    from optical_memory.model.preprocess import make_views, normalize
+    from optical_memory.backends.deepseek_ocr.preprocess import make_views, normalize
 
     out = {}
     for kind, value in [("page", ("gundam", 0)), *MULTI]:
@@ -141,7 +146,7 @@ def run_ours(
     reference_ids: list[int],
 ) -> dict:
     """Our side; `step_logits` are teacher-forced along the reference's greedy ids."""
-    from optical_memory.model import PageImage, load_model
+    from optical_memory.backends.deepseek_ocr import PageImage, load_model
 
     model = load_model(ckpt, device, dtype)
     single = [PageImage(images[0], "gundam"), PROMPT_TAIL]

@@ -40,8 +40,9 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
 
-from optical_memory.model import EncoderConfig, load_encoder, make_views, random_encoder_tensors
-from optical_memory.model.preprocess import normalize
+from optical_memory.backends.deepseek_ocr import EncoderConfig, load_encoder, make_views
+from optical_memory.backends.deepseek_ocr.preprocess import normalize
+from optical_memory.backends.deepseek_ocr.testing import random_encoder_tensors
 from optical_memory.modes import MODES
 
 # mode -> (base_size, image_size, crop_mode), as in the reference's config.py

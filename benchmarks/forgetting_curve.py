@@ -2,7 +2,7 @@
 
 The memory renders every page once at the 1280x1280 Gundam canvas and derives
 the other modes from that image with the encoder's preprocessing
-(optical_memory.model.preprocess): Gundam's local tiles are native-resolution
+(optical_memory.backends.deepseek_ocr.preprocess): Gundam's local tiles are native-resolution
 crops (so it reads like Large), Large pads 1280 to 1280 (the page as it is),
 Base scales it to 1024, Small to 640, Tiny to 512. For each memory-page font
 size this script renders the first full page of legibility.py's multilingual
@@ -39,8 +39,8 @@ import numpy as np
 from legibility import CER_LIMIT, _cpu_name, _tesseract_version, cer, ocr, transcript
 from PIL import Image
 
+from optical_memory.backends.deepseek_ocr.preprocess import global_view, local_tiles
 from optical_memory.conversation import build_conversation
-from optical_memory.model.preprocess import global_view, local_tiles
 from optical_memory.modes import FADING_ORDER, get_mode
 from optical_memory.tokens import TokenCounter, default_counter
 from renderers import RenderConfig, Renderer
@@ -151,7 +151,7 @@ def main() -> None:
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "tesseract": _tesseract_version()},
         "command": " ".join(["python3 benchmarks/forgetting_curve.py", *sys.argv[1:]]),
         "page": "first full page of legibility.transcript() rendered at the 1280x1280 gundam canvas (margin 22)",
-        "views": "optical_memory.model.preprocess: gundam = its 640 local tiles stitched, other modes = global view",
+        "views": "optical_memory.backends.deepseek_ocr.preprocess: gundam = its 640 local tiles stitched, other modes = global view",
         "ocr": "tesseract -l eng+rus+ell+chi_sim --psm 6 on the view upscaled 2x (Lanczos), as legibility.py",
         "chat_pages": f"mean over the full pages of optical_memory.conversation.build_conversation({DEMO_TURNS})",
         "text_tokenizer": counter.name,

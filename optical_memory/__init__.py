@@ -15,8 +15,8 @@ _LAZY: dict[str, str] = {
     "MODES": "optical_memory.modes",
     "get_mode": "optical_memory.modes",
     "Message": "optical_memory.messages",
-    "load_encoder": "optical_memory.model",
-    "load_model": "optical_memory.model",
+    "load_encoder": "optical_memory.backends.deepseek_ocr",
+    "load_model": "optical_memory.backends.deepseek_ocr",
 }
 
 __all__ = [

@@ -1,5 +1,5 @@
 import sys
 
-from optical_memory.cli import main
+from optical_memory.apps.cli import main
 
 sys.exit(main())

@@ -299,7 +299,7 @@ class OpticalMemory:
         if self._model is None:
             if self._model_source is None:
                 raise ValueError("this OpticalMemory has no model: pass model=<checkpoint dir>")
-            from optical_memory.model import load_model
+            from optical_memory.backends.deepseek_ocr import load_model
 
             self._model = load_model(self._model_source, device=self._device, dtype=self._dtype)
         return self._model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
@@ -103,9 +103,6 @@ class RenderConfig:
         scaled to 11.2, 7 and 5.6 px, and fade.
         """
         return cls.for_mode("gundam", **{"font_size": 14, **overrides})
-
-    def with_(self, **changes: Any) -> RenderConfig:
-        return replace(self, **changes)
 
     @property
     def line_height(self) -> int:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from optical_memory.cli import main
-from optical_memory.model import CheckpointError, check_checkpoint, load_encoder
-from optical_memory.model.checkpoint import official_name, to_official
-from tests.tiny_encoder import write_tiny_encoder
+from optical_memory.apps.cli import main
+from optical_memory.backends.deepseek_ocr import CheckpointError, check_checkpoint, load_encoder
+from optical_memory.backends.deepseek_ocr.testing import write_tiny_encoder
+from optical_memory.backends.deepseek_ocr.weights import official_name, to_official
 
 
 def test_round_trip_through_official_names(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from optical_memory.model import ContextOverflowError, PageImage, load_model
-from optical_memory.model.context import split_prompt
+from optical_memory.backends.deepseek_ocr import ContextOverflowError, PageImage, load_model
+from optical_memory.backends.deepseek_ocr.context import split_prompt
+from optical_memory.backends.deepseek_ocr.testing import write_checkpoint
 from optical_memory.modes import get_mode
-from tests.tiny_checkpoint import write_checkpoint
 
 
 @pytest.fixture(scope="module")

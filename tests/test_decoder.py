@@ -8,10 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from optical_memory.model.decoder import DecoderConfig, convert_state_dict
-from optical_memory.model.experts import grouped_experts_forward
-from optical_memory.model.optical_model import load_decoder, resolve_device_dtype
-from tests.tiny_checkpoint import TINY_DECODER, decoder_tensors, write_checkpoint
+from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
+from optical_memory.backends.deepseek_ocr.experts import grouped_experts_forward
+from optical_memory.backends.deepseek_ocr.model import load_decoder
+from optical_memory.backends.deepseek_ocr.testing import (
+    TINY_DECODER,
+    decoder_tensors,
+    write_checkpoint,
+)
+from optical_memory.backends.deepseek_ocr.weights import (
+    convert_decoder_tensors,
+    resolve_device_dtype,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def test_missing_expert_is_named():
     tensors = decoder_tensors(TINY_DECODER, seed=0)
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
     with pytest.raises(ValueError, match="model.layers.2.mlp.experts"):
-        convert_state_dict(tensors.items(), DecoderConfig.from_checkpoint_config(TINY_DECODER))
+        convert_decoder_tensors(tensors.items(), DecoderConfig.from_checkpoint_config(TINY_DECODER))
 
 
 def test_kv_cache_matches_full_forward(decoder):
@@ -89,8 +97,8 @@ def test_kv_cache_matches_full_forward(decoder):
     with torch.no_grad():
         full = decoder(emb)
         cache = decoder.new_cache()
-        first = decoder(emb[:, :8], past_key_values=cache)
-        rest = decoder(emb[:, 8:], position_ids=torch.arange(8, 12)[None], past_key_values=cache)
+        first = decoder(emb[:, :8], cache=cache)
+        rest = decoder(emb[:, 8:], position_ids=torch.arange(8, 12)[None], cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-4, atol=1e-4)
     assert cache.get_seq_length() == 12
 
@@ -102,11 +110,11 @@ def test_static_decode_step_matches_dynamic_cache(decoder):
     tokens = torch.randint(0, 512, (2, 4))
     with torch.no_grad():
         cache = decoder.new_cache()
-        expected = [decoder(emb, past_key_values=cache, logits_to_keep=1)[:, -1]]
+        expected = [decoder(emb, cache=cache, logits_to_keep=1)[:, -1]]
         for i in range(4):
             pos = torch.full((2, 1), 10 + i)
             step_emb = decoder.embed_tokens(tokens[:, i : i + 1])
-            expected.append(decoder(step_emb, position_ids=pos, past_key_values=cache)[:, -1])
+            expected.append(decoder(step_emb, position_ids=pos, cache=cache)[:, -1])
         with decoder.decode_step(batch=2) as step:
             got = [step.prefill(emb, torch.arange(10).expand(2, 10))]
             got += [step(tokens[:, i : i + 1], torch.full((2, 1), 10 + i)) for i in range(4)]

@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from optical_memory.model import load_encoder
+from optical_memory.backends.deepseek_ocr import load_encoder
+from optical_memory.backends.deepseek_ocr.testing import TINY_HIDDEN, write_tiny_encoder
 from optical_memory.modes import get_mode
-from tests.tiny_encoder import TINY_HIDDEN, write_tiny_encoder
 
 
 @pytest.fixture(scope="module")

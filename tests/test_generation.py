@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from optical_memory.model import PageImage, load_model
-from optical_memory.model.generation import GenerationConfig
-from tests.tiny_checkpoint import write_checkpoint
+from optical_memory.backends.deepseek_ocr import PageImage, load_model
+from optical_memory.backends.deepseek_ocr.generation import GenerationConfig
+from optical_memory.backends.deepseek_ocr.testing import write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_bad_generation_options():
 
 
 def test_ocr_command(tmp_path, model, capsys):
-    from optical_memory.cli import main
+    from optical_memory.apps.cli import main
 
     ckpt = write_checkpoint(tmp_path / "ckpt")
     Image.new("RGB", (300, 200), "white").save(tmp_path / "page.png")

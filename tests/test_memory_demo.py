@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from optical_memory.cli import main
+from optical_memory.apps.cli import main
 from optical_memory.conversation import FACTS, build_conversation
 from optical_memory.demo import run_demo
 

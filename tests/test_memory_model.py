@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_memory import conversation
 
+from optical_memory.backends.deepseek_ocr.testing import write_checkpoint
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy, Schedule
-from tests.tiny_checkpoint import write_checkpoint
 
 POLICY = Policy(
     schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120, answer_tokens=8

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from optical_memory.model.preprocess import MAX_IMAGE_PIXELS, make_views, normalize
+from optical_memory.backends.deepseek_ocr.preprocess import MAX_IMAGE_PIXELS, make_views, normalize
 
 
 def test_base_pads_to_square_with_grey_keeping_aspect():

@@ -1,7 +1,7 @@
 import hashlib
 import json
 
-from optical_memory.cli import main
+from optical_memory.apps.cli import main
 
 
 def test_render_writes_pngs_and_manifest(tmp_path):

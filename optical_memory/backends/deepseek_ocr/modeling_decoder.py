@@ -14,121 +14,31 @@ moe_intermediate].
 from __future__ import annotations
 
 import importlib.util
-import re
-from collections.abc import Iterable, Iterator, Mapping
+import inspect
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
-from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2TextConfig
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2TextModel,
     DeepseekOcr2TextRMSNorm,
     DeepseekOcr2TextRotaryEmbedding,
 )
 
-from optical_memory.model.decode_step import DecodeStep
-from optical_memory.model.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
+from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.backends.deepseek_ocr.runtime import DecodeStep
 
-# Tensor-name prefixes of the decoder inside the full DeepSeek-OCR checkpoint.
-DECODER_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """The checkpoint's `language_config`, restricted to what this architecture uses."""
-
-    vocab_size: int = 129280
-    hidden_size: int = 1280
-    intermediate_size: int = 6848
-    moe_intermediate_size: int = 896
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 10
-    num_key_value_heads: int = 10
-    n_routed_experts: int = 64
-    n_shared_experts: int = 2
-    num_experts_per_tok: int = 6
-    first_k_dense_replace: int = 1
-    routed_scaling_factor: float = 1.0
-    topk_method: str = "greedy"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
-    bos_token_id: int = 0
-    eos_token_id: int = 1
-
-    @classmethod
-    def from_checkpoint_config(cls, config: Mapping[str, Any]) -> DecoderConfig:
-        """Read `language_config` of a DeepSeek-OCR config.json (or a flat text config).
-
-        Settings this architecture does not implement (MLA, sigmoid scoring,
-        normalised top-k weights, MoE every n-th layer) raise ValueError rather
-        than being silently ignored.
-        """
-        lang = dict(config.get("language_config", config))
-        unsupported = {
-            "use_mla": (lang.get("use_mla", False), False),
-            "scoring_func": (lang.get("scoring_func", "softmax"), "softmax"),
-            "norm_topk_prob": (lang.get("norm_topk_prob", False), False),
-            "moe_layer_freq": (lang.get("moe_layer_freq", 1), 1),
-        }
-        for key, (value, expected) in unsupported.items():
-            if value != expected:
-                raise ValueError(
-                    f"decoder config: {key}={value!r} is not supported (expected {expected!r})"
-                )
-        if lang.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
-            raise ValueError(
-                f"decoder config: topk_method={lang['topk_method']!r} is not supported"
-            )
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in lang.items() if k in names and v is not None}
-        if "num_key_value_heads" not in values and "num_attention_heads" in values:
-            values["num_key_value_heads"] = values["num_attention_heads"]
-        return cls(**values)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes of keys and values one position holds in the KV cache, all layers."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
-
-    def to_transformers(self) -> DeepseekOcr2TextConfig:
-        n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
-        return DeepseekOcr2TextConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            moe_intermediate_size=self.moe_intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            n_routed_experts=self.n_routed_experts,
-            n_shared_experts=self.n_shared_experts,
-            num_experts_per_tok=self.num_experts_per_tok,
-            routed_scaling_factor=self.routed_scaling_factor,
-            topk_method=self.topk_method,
-            n_group=1,
-            topk_group=1,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            max_position_embeddings=self.max_position_embeddings,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            mlp_layer_types=["dense"] * n_dense + ["sparse"] * (self.num_hidden_layers - n_dense),
-            tie_word_embeddings=False,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# transformers renamed the text model's `past_key_values` argument to `cache` (the old
+# name is deprecated); pass whichever this version takes.
+_CACHE_ARGUMENT = (
+    "cache"
+    if "cache" in inspect.signature(DeepseekOcr2TextModel.forward).parameters
+    else "past_key_values"
+)
 
 
 def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -207,10 +117,10 @@ class DeepseekOCRDecoder(nn.Module):
         inputs_embeds: torch.Tensor,  # [batch, seq, hidden]
         attention_mask: torch.Tensor | None = None,  # [batch, past + seq]
         position_ids: torch.Tensor | None = None,  # [batch, seq]
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits [batch, seq or logits_to_keep, vocab] in float32; fills `past_key_values`.
+        """Logits [batch, seq or logits_to_keep, vocab] in float32; fills `cache`.
 
         `logits_to_keep=1` computes the LM head for the last position only, which
         is all generation needs (the head is 129k wide: at 8192 positions it would
@@ -220,8 +130,8 @@ class DeepseekOCRDecoder(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
+            use_cache=cache is not None,
+            **{_CACHE_ARGUMENT: cache},
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -236,53 +146,6 @@ class DeepseekOCRDecoder(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
         logits = torch.mm(flat, self.lm_head.weight.t(), out_dtype=torch.float32)
         return logits.view(*hidden.shape[:-1], -1)
-
-
-def convert_state_dict(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    config: DecoderConfig,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """Official decoder tensor names -> `DeepseekOCRDecoder` state dict.
-
-    Routed experts `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight` are
-    stacked into `mlp.experts.gate_up_proj` (gate rows first, then up) and
-    `mlp.experts.down_proj`; every other name is kept as it is. Tensors outside
-    the decoder are ignored. Each tensor is copied once into its destination on
-    `device` in `dtype`, so peak memory stays near one model copy.
-    """
-    e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-    out: dict[str, torch.Tensor] = {}
-    filled: dict[str, set[tuple[int, str]]] = {}
-    for name, tensor in tensors:
-        if not name.startswith(DECODER_PREFIXES):
-            continue
-        match = _EXPERT_RE.match(name)
-        if match is None:
-            out[name] = tensor.to(device=device, dtype=dtype)
-            continue
-        layer, expert, proj = int(match[1]), int(match[2]), match[3]
-        if expert >= e:
-            raise ValueError(f"{name}: expert index {expert} >= n_routed_experts {e}")
-        base = f"model.layers.{layer}.mlp.experts."
-        if proj == "down":
-            key = base + "down_proj"
-            dest = out.setdefault(key, torch.empty(e, h, i, device=device, dtype=dtype))
-            dest[expert].copy_(tensor)
-        else:
-            key = base + "gate_up_proj"
-            dest = out.setdefault(key, torch.empty(e, 2 * i, h, device=device, dtype=dtype))
-            rows = slice(0, i) if proj == "gate" else slice(i, 2 * i)
-            dest[expert, rows].copy_(tensor)
-        filled.setdefault(base, set()).add((expert, proj))
-    for base, seen in filled.items():
-        if len(seen) != 3 * e:
-            raise ValueError(
-                f"{base}*: {3 * e - len(seen)} of {3 * e} routed expert weights are missing"
-            )
-    return out
 
 
 def build_decoder(

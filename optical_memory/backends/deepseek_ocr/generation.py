@@ -20,8 +20,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from optical_memory.model.context import DecoderInputs
-from optical_memory.model.decoder import DeepseekOCRDecoder
+from optical_memory.backends.deepseek_ocr.context import DecoderInputs
+from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,35 @@
-"""DeepSeek-OCR checkpoint directories: encoder tensors by their official names.
+"""DeepSeek-OCR checkpoint directories: tensors by their official names, and where they go.
 
 A checkpoint directory in Hugging Face layout holds `config.json`, tokenizer
 files and `*.safetensors` (optionally sharded with `model.safetensors.index.json`).
 The encoder's tensors are `model.sam_model.*`, `model.vision_model.*`,
 `model.projector.*`, `model.image_newline` and `model.view_seperator` (sic).
 Our modules reuse transformers' SAM and CLIP layers, whose names differ; the
-renaming lives here, in both directions, and is exact (the fused CLIP
-`qkv_proj` is split into q/k/v and joined back).
+renaming lives here as data, in both directions, and is exact (the fused CLIP
+`qkv_proj` is split into q/k/v and joined back). The decoder keeps the official
+names except for the routed experts, which transformers stacks (see
+`convert_decoder_tensors`). The one device and dtype resolver of the package is here too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from optical_memory.model.config import ConfigError, EncoderConfig
+from optical_memory.backends.deepseek_ocr.configuration import (
+    ConfigError,
+    DecoderConfig,
+    EncoderConfig,
+)
+from optical_memory.backends.deepseek_ocr.modeling_deepencoder import DeepEncoder
 
 ENCODER_PREFIXES = (
     "model.sam_model.",
@@ -28,7 +38,9 @@ ENCODER_PREFIXES = (
     "model.image_newline",
     "model.view_seperator",
 )
+# The decoder's tensors inside the full checkpoint.
 DECODER_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 # In the official checkpoint but unused by the encoder: the CLIP pixel patch
 # embedding (DeepEncoder feeds SAM features instead) and an arange buffer.
 UNUSED_OFFICIAL = {
@@ -52,6 +64,56 @@ _RENAMES = [
 _SPLIT_QKV = re.compile(
     r"^(vision_model\.transformer\.layers\.\d+\.self_attn\.)([qkv])_proj\.(\w+)$"
 )
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device_dtype(
+    device: torch.device | str | None, dtype: torch.dtype | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA in bfloat16 when available, else CPU in float32. Bad values raise ValueError."""
+    try:
+        dev = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"invalid device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dtype is None:
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"invalid dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"invalid dtype {dtype}; the model runs in float32, bfloat16 or float16")
+    return dev, dtype
+
+
+def encoder_shapes(config: EncoderConfig) -> dict[str, torch.Size]:
+    """Our parameter names -> shapes for `config`, without allocating weights."""
+    with torch.device("meta"):
+        model = DeepEncoder(config)
+    return {name: p.shape for name, p in model.state_dict().items()}
+
+
+def encoder_fingerprint(config: EncoderConfig, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the encoder config and every encoder tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class CheckpointError(ValueError):
@@ -221,8 +283,6 @@ def check_checkpoint(path: str | Path) -> CheckpointReport:
     Encoder tensors are checked by name and shape against config.json; the
     decoder is reported present when its embedding and layer tensors are there.
     """
-    from optical_memory.model.encoder import encoder_shapes  # torch modules: imported on use
-
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
@@ -255,3 +315,70 @@ def check_checkpoint(path: str | Path) -> CheckpointReport:
         tensor_count=len(found),
         problems=problems,
     )
+
+
+def decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every decoder tensor in the directory's safetensors files."""
+    files = safetensors_files(path)
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name.startswith(DECODER_PREFIXES):
+                    yield name, f.get_tensor(name)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    return json.loads(config_file.read_text())
+
+
+def convert_decoder_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: DecoderConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Official decoder tensor names -> `DeepseekOCRDecoder` state dict.
+
+    Routed experts `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight` are
+    stacked into `mlp.experts.gate_up_proj` (gate rows first, then up) and
+    `mlp.experts.down_proj`; every other name is kept as it is. Tensors outside
+    the decoder are ignored. Each tensor is copied once into its destination on
+    `device` in `dtype`, so peak memory stays near one model copy.
+    """
+    e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    out: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[tuple[int, str]]] = {}
+    for name, tensor in tensors:
+        if not name.startswith(DECODER_PREFIXES):
+            continue
+        match = _EXPERT_RE.match(name)
+        if match is None:
+            out[name] = tensor.to(device=device, dtype=dtype)
+            continue
+        layer, expert, proj = int(match[1]), int(match[2]), match[3]
+        if expert >= e:
+            raise ValueError(f"{name}: expert index {expert} >= n_routed_experts {e}")
+        base = f"model.layers.{layer}.mlp.experts."
+        if proj == "down":
+            key = base + "down_proj"
+            dest = out.setdefault(key, torch.empty(e, h, i, device=device, dtype=dtype))
+            dest[expert].copy_(tensor)
+        else:
+            key = base + "gate_up_proj"
+            dest = out.setdefault(key, torch.empty(e, 2 * i, h, device=device, dtype=dtype))
+            rows = slice(0, i) if proj == "gate" else slice(i, 2 * i)
+            dest[expert, rows].copy_(tensor)
+        filled.setdefault(base, set()).add((expert, proj))
+    for base, seen in filled.items():
+        if len(seen) != 3 * e:
+            raise ValueError(
+                f"{base}*: {3 * e - len(seen)} of {3 * e} routed expert weights are missing"
+            )
+    return out

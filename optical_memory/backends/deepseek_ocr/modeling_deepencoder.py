@@ -28,8 +28,8 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2SamVisionEncoder,
 )
 
-from optical_memory.model.config import ClipConfig, EncoderConfig, SamConfig
-from optical_memory.model.sam_attention import use_fast_sam_modules
+from optical_memory.backends.deepseek_ocr.configuration import ClipConfig, EncoderConfig, SamConfig
+from optical_memory.backends.deepseek_ocr.sam_attention import use_fast_sam_modules
 
 SAM_IMPLEMENTATIONS = ("fast", "transformers")
 

@@ -1,6 +1,7 @@
-"""DeepEncoder configuration read from a DeepSeek-OCR checkpoint's `config.json`.
+"""DeepSeek-OCR configuration read from a checkpoint's `config.json`: DeepEncoder and decoder.
 
-The official file names the sizes that vary between vision towers:
+Plain data (no torch), so a backend can read the window and sizes without loading the model.
+For the encoder, the official file names the sizes that vary between vision towers:
 `vision_config.width.sam_vit_b` (width, layers, heads, global_attn_indexes,
 downsample_channels), `vision_config.width["clip-l-14-224"]` (width, layers,
 heads, patch_size, image_size) and `projector_config` (input_dim, n_embed).
@@ -12,9 +13,16 @@ configurations can be written for tests.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
+        DeepseekOcr2TextConfig,
+    )
 
 SAM_KEY = "sam_vit_b"
 CLIP_KEY = "clip-l-14-224"
@@ -150,3 +158,99 @@ def _build(kind: type, values: dict[str, Any], where: str) -> Any:
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     return kind(**kwargs)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The checkpoint's `language_config`, restricted to what this architecture uses."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 1280
+    intermediate_size: int = 6848
+    moe_intermediate_size: int = 896
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 10
+    num_key_value_heads: int = 10
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    @classmethod
+    def from_checkpoint_config(cls, config: Mapping[str, Any]) -> DecoderConfig:
+        """Read `language_config` of a DeepSeek-OCR config.json (or a flat text config).
+
+        Settings this architecture does not implement (MLA, sigmoid scoring,
+        normalised top-k weights, MoE every n-th layer) raise ValueError rather
+        than being silently ignored.
+        """
+        lang = dict(config.get("language_config", config))
+        unsupported = {
+            "use_mla": (lang.get("use_mla", False), False),
+            "scoring_func": (lang.get("scoring_func", "softmax"), "softmax"),
+            "norm_topk_prob": (lang.get("norm_topk_prob", False), False),
+            "moe_layer_freq": (lang.get("moe_layer_freq", 1), 1),
+        }
+        for key, (value, expected) in unsupported.items():
+            if value != expected:
+                raise ValueError(
+                    f"decoder config: {key}={value!r} is not supported (expected {expected!r})"
+                )
+        if lang.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+            raise ValueError(
+                f"decoder config: topk_method={lang['topk_method']!r} is not supported"
+            )
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in lang.items() if k in names and v is not None}
+        if "num_key_value_heads" not in values and "num_attention_heads" in values:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of keys and values one position holds in the KV cache, all layers (default bf16)."""
+        itemsize = 2 if dtype is None else dtype.itemsize
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
+    def to_transformers(self) -> DeepseekOcr2TextConfig:
+        from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
+            DeepseekOcr2TextConfig,
+        )
+
+        n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
+        return DeepseekOcr2TextConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            n_routed_experts=self.n_routed_experts,
+            n_shared_experts=self.n_shared_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            routed_scaling_factor=self.routed_scaling_factor,
+            topk_method=self.topk_method,
+            n_group=1,
+            topk_group=1,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            mlp_layer_types=["dense"] * n_dense + ["sparse"] * (self.num_hidden_layers - n_dense),
+            tie_word_embeddings=False,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

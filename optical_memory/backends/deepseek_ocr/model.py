@@ -2,83 +2,68 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from optical_memory.model.checkpoint import safetensors_files
-from optical_memory.model.context import (
+from optical_memory.backends.deepseek_ocr import weights
+from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig, EncoderConfig
+from optical_memory.backends.deepseek_ocr.context import (
     ContextAssembler,
     DecoderInputs,
     PageImage,
     Segment,
     split_prompt,
 )
-from optical_memory.model.decoder import (
-    DECODER_PREFIXES,
-    DecoderConfig,
-    DeepseekOCRDecoder,
-    build_decoder,
-    convert_state_dict,
-)
-from optical_memory.model.encoder import load_encoder
-from optical_memory.model.generation import GenerationConfig, generate_ids
-from optical_memory.model.tokenizer import OCRTokenizer
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from optical_memory.backends.deepseek_ocr.generation import GenerationConfig, generate_ids
+from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder, build_decoder
+from optical_memory.backends.deepseek_ocr.runtime import Encoder
+from optical_memory.backends.deepseek_ocr.tokenizer import OCRTokenizer
 
 
-def resolve_device_dtype(
-    device: torch.device | str | None, dtype: torch.dtype | str | None
-) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA in bfloat16 when available, else CPU in float32. Bad values raise ValueError."""
-    try:
-        dev = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+def load_encoder(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    sam_implementation: str = "fast",
+    cuda_graphs: bool | None = None,
+) -> Encoder:
+    """Load DeepEncoder from a checkpoint directory (config.json + *.safetensors, official names).
+
+    Works with the full DeepSeek-OCR checkpoint and with a directory holding only
+    the encoder tensors. Missing, unexpected or mis-shaped encoder tensors raise
+    one CheckpointError listing all of them. `sam_implementation`: "fast" (default;
+    see `sam_attention`: relative positions folded into the query-key product,
+    patch embedding as a GEMM) or "transformers" (its SAM modules as they are);
+    both compute the same function. `cuda_graphs` (default: on for CUDA) replays
+    one captured CUDA graph per input shape.
+    """
+    directory = Path(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise weights.CheckpointError(f"{directory}: no config.json")
+    config = EncoderConfig.from_file(config_path)
+    locations = weights.tensor_locations(directory)
+    if not locations:
+        raise weights.CheckpointError(f"{directory}: no *.safetensors files")
+    expected = weights.expected_shapes(weights.encoder_shapes(config))
+    problems = weights.compare(locations, expected)
+    if problems:
+        raise weights.CheckpointError(
+            f"{directory}: encoder tensors do not match config.json\n{problems.describe()}"
         )
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dtype is None:
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"invalid dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"invalid dtype {dtype}; the model runs in float32, bfloat16 or float16")
-    return dev, dtype
-
-
-def _decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every decoder tensor in the directory's safetensors files."""
-    files = safetensors_files(path)
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if name.startswith(DECODER_PREFIXES):
-                    yield name, f.get_tensor(name)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    return json.loads(config_file.read_text())
+    tensors = weights.read_tensors(locations, sorted(expected))
+    return Encoder.from_tensors(
+        config,
+        tensors,
+        device,
+        dtype,
+        sam_implementation=sam_implementation,
+        cuda_graphs=cuda_graphs,
+    )
 
 
 def load_decoder(
@@ -88,9 +73,11 @@ def load_decoder(
 ) -> DeepseekOCRDecoder:
     """The decoder of a checkpoint directory (config.json + safetensors, official names)."""
     path = Path(path)
-    dev, dt = resolve_device_dtype(device, dtype)
-    config = DecoderConfig.from_checkpoint_config(_read_config(path))
-    tensors = convert_state_dict(_decoder_tensors(path), config, device=dev, dtype=dt)
+    dev, dt = weights.resolve_device_dtype(device, dtype)
+    config = DecoderConfig.from_checkpoint_config(weights.read_config(path))
+    tensors = weights.convert_decoder_tensors(
+        weights.decoder_tensors(path), config, device=dev, dtype=dt
+    )
     if not tensors:
         raise ValueError(
             f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)"
@@ -101,7 +88,7 @@ def load_decoder(
 class OpticalModel:
     """DeepEncoder + DeepSeek-3B-MoE decoder + tokenizer, answering contexts of pages and text.
 
-    A context is a sequence of segments (see `optical_memory.model.context`):
+    A context is a sequence of segments (see `optical_memory.backends.deepseek_ocr.context`):
     text, `PageImage` (encoded on the fly) or cached page embeddings.
     """
 
@@ -224,8 +211,8 @@ def load_model(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    dev, dt = resolve_device_dtype(device, dtype)
-    lang = DecoderConfig.from_checkpoint_config(_read_config(path))
+    dev, dt = weights.resolve_device_dtype(device, dtype)
+    lang = DecoderConfig.from_checkpoint_config(weights.read_config(path))
     tokenizer = OCRTokenizer.from_dir(path, bos_id=lang.bos_token_id, eos_id=lang.eos_token_id)
     decoder = load_decoder(path, dev, dt)
     encoder = load_encoder(path, device=dev, dtype=dt)

@@ -11,10 +11,6 @@ if TYPE_CHECKING:
     from optical_memory.memory import OpticalMemory
 
 
-def _not_ready(args: argparse.Namespace) -> int:
-    raise SystemExit(f"optical-memory {args.command}: not available in this build")
-
-
 # --- render (renderers) -------------------------------------------------------
 def _add_render(sub: argparse._SubParsersAction) -> None:
     from optical_memory.modes import MODES
@@ -52,7 +48,7 @@ def _add_check_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_checkpoint(args: argparse.Namespace) -> int:
-    from optical_memory.model import CheckpointError, check_checkpoint
+    from optical_memory.backends.deepseek_ocr import CheckpointError, check_checkpoint
 
     try:
         report = check_checkpoint(args.directory)
@@ -78,8 +74,8 @@ def _add_ocr(sub: argparse._SubParsersAction) -> None:
 def _run_ocr(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from optical_memory.model import PageImage, load_model
-    from optical_memory.model.context import split_prompt
+    from optical_memory.backends.deepseek_ocr import PageImage, load_model
+    from optical_memory.backends.deepseek_ocr.context import split_prompt
 
     image = Image.open(args.image).convert("RGB")
     page = PageImage(image, args.mode)

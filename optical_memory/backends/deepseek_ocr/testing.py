@@ -1,10 +1,11 @@
-"""A random DeepSeek-OCR checkpoint directory with the official layout, at any size.
+"""Random DeepSeek-OCR checkpoints with the official layout, at any size, for tests and benchmarks.
 
-`write_checkpoint(dir)` writes config.json (the official structure, with a
-small `language_config` by default), the decoder tensors under the official
-names (per-expert `nn.Linear` weights, not transformers' stacked ones), the
-encoder tensors from tests/tiny_encoder.py when `encoder=True`, and a
-tokenizer.json built with `tokenizers` holding BOS, EOS and `<image>`. The
+`random_encoder_tensors(config)` gives random encoder weights under the
+official names; `write_tiny_encoder(dir)` writes a tiny encoder's config
+entries and tensors. `write_checkpoint(dir)` writes config.json (the official
+structure, with a small `language_config` by default), the decoder tensors
+under the official names (per-expert `nn.Linear` weights, not transformers'
+stacked ones), the tiny encoder when `encoder=True`, and a tokenizer.json built with `tokenizers` holding BOS, EOS and `<image>`. The
 weights are scaled so activations keep unit size through the layers, which
 makes logits far from ties: greedy decoding then depends on the weights, not on
 rounding.
@@ -14,12 +15,82 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from optical_memory.backends.deepseek_ocr.configuration import (
+    ClipConfig,
+    EncoderConfig,
+    ProjectorConfig,
+    SamConfig,
+)
+from optical_memory.backends.deepseek_ocr.weights import encoder_shapes, expected_shapes
+
+TINY_HIDDEN = 48
+
+
+def tiny_encoder_config(hidden_size: int = TINY_HIDDEN) -> EncoderConfig:
+    """Official geometry (patch 16, window 14, two stride-2 convs) with tiny widths and depths."""
+    return EncoderConfig(
+        sam=SamConfig(
+            width=32,
+            layers=2,
+            heads=2,
+            global_attn_indexes=(1,),
+            downsample_channels=(16, 32),
+            out_channels=16,
+            mlp_ratio=2.0,
+        ),
+        clip=ClipConfig(width=32, layers=2, heads=2, intermediate_size=64),
+        projector=ProjectorConfig(input_dim=64, n_embed=hidden_size),
+    )
+
+
+def write_tiny_encoder(
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = TINY_HIDDEN,
+    filename: str = "model.safetensors",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Write config entries + random encoder tensors; returns the tensors written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tiny_encoder_config(hidden_size)
+    config_path = directory / "config.json"
+    merged = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    merged.update(config.to_dict())
+    config_path.write_text(json.dumps(merged, indent=1))
+    tensors = {k: v.to(dtype) for k, v in random_encoder_tensors(config, seed=seed).items()}
+    save_file(tensors, str(directory / filename))
+    return tensors
+
+
+def random_encoder_tensors(
+    config: EncoderConfig, seed: int = 0, std: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """Random fp32 encoder weights under the official names, for tests and benchmarks.
+
+    Norm weights are near 1, position tables (absolute, relative, CLIP) ~ N(0, 0.5)
+    so that a wrong position mapping shows, the rest ~ N(0, std). Every tensor is
+    random: nothing can hide behind zeros.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(expected_shapes(encoder_shapes(config)).items()):
+        scale = 0.5 if re.search(r"pos|class_embedding", name) else std
+        t = torch.randn(shape, generator=generator) * scale
+        if re.search(r"(norm\d?|neck\.[13]|layer_norm\d|pre_layrnorm)\.weight$", name):
+            t += 1.0
+        out[name] = t
+    return out
+
 
 BOS, EOS, IMAGE = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image>"
 
@@ -158,8 +229,6 @@ def write_checkpoint(
     tensors = decoder_tensors(lang, seed)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "decoder.safetensors"))
     if encoder:
-        from tests.tiny_encoder import write_tiny_encoder
-
         write_tiny_encoder(
             path, seed=seed + 1, hidden_size=lang["hidden_size"], filename="encoder.safetensors"
         )

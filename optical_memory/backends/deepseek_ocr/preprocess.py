@@ -43,7 +43,7 @@ def check_image(image: Image.Image) -> Image.Image:
     if width * height > MAX_IMAGE_PIXELS:
         raise ValueError(
             f"image of {width}x{height} = {width * height} pixels is over the limit of "
-            f"{MAX_IMAGE_PIXELS} pixels (optical_memory.model.preprocess.MAX_IMAGE_PIXELS)"
+            f"{MAX_IMAGE_PIXELS} pixels (optical_memory.backends.deepseek_ocr.preprocess.MAX_IMAGE_PIXELS)"
         )
     return image if image.mode == "RGB" else image.convert("RGB")
 

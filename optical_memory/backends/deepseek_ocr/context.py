@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from optical_memory.model.tokenizer import IMAGE_TOKEN, OCRTokenizer
+from optical_memory.backends.deepseek_ocr.tokenizer import IMAGE_TOKEN, OCRTokenizer
 from optical_memory.modes import get_mode
 
 
