@@ -95,6 +95,34 @@ def tensor_from_bytes(key: str, value: bytes) -> torch.Tensor:
     return raw.view(torch_dtype).reshape(shape)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Deterministic PNG bytes of an image (no metadata), as sent to chat models."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def png_to_bytes(key: str, png: bytes, size: tuple[int, int]) -> bytes:
+    width, height = size
+    return pack(key, "png", (height, width), png)
+
+
+def png_from_bytes(key: str, value: bytes) -> bytes:
+    """The PNG bytes of an entry, checked without decoding: signature and IHDR size."""
+    dtype, shape, payload = unpack(key, value)
+    if dtype != "png":
+        raise CacheEntryError(f"entry holds {dtype!r}, not a PNG image")
+    if payload[:8] != PNG_SIGNATURE or payload[12:16] != b"IHDR":
+        raise CacheEntryError("payload is not a PNG")
+    width, height = struct.unpack(">II", payload[16:24])
+    if (height, width) != shape:
+        raise CacheEntryError(f"PNG is {width}x{height}, header says {list(shape)}")
+    return payload
+
+
 def image_to_bytes(key: str, image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=1)
@@ -145,5 +173,13 @@ class VisionCache:
 
     def put_image(self, session_id: str, key: str, image: Image.Image) -> int:
         value = image_to_bytes(key, image)
+        self.store.cache_put(session_id, key, value)
+        return len(value)
+
+    def get_png(self, session_id: str, key: str) -> bytes | None:
+        return self._get(session_id, key, png_from_bytes)
+
+    def put_png(self, session_id: str, key: str, png: bytes, size: tuple[int, int]) -> int:
+        value = png_to_bytes(key, png, size)
         self.store.cache_put(session_id, key, value)
         return len(value)

@@ -2,36 +2,43 @@
 
 The turn log in the store is the source of truth. Everything else is derived
 from it on demand: pages (sealed when full, see `pages`), the plan of the
-context (see `policy`), page images and their vision tokens (see `cache`).
-Only `context` and `ask` need a model; they import it lazily.
+context (see `policy` and `plan`), the prompt a model reads (see `prompt`),
+page images and their vision tokens (see `cache`). Only `ask`, `stream` and
+`context` need a model (a `Backend`, see `backends`); the local DeepSeek-OCR
+model is imported on first use, so the memory itself needs no torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
 from tqdm import tqdm
 
-from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key
+from optical_memory.backends import Answer, Backend, Profile, Tier, get_profile, open_backend
+from optical_memory.backends.profiles import deepseek_ocr_profile
+from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key, encode_png
 from optical_memory.messages import Message, MessageError, parse_message
-from optical_memory.modes import FADING_ORDER, MODES
+from optical_memory.modes import FADING_ORDER
 from optical_memory.pages import Pager, PageRecord
+from optical_memory.plan import PagePlan, Plan
 from optical_memory.policy import Policy, solve
+from optical_memory.prompt import Prompt, PromptPage, format_query, format_turns, page_label
 from optical_memory.stores import CacheLimits, NewTurn, Store, Turn, open_store
 from optical_memory.tokens import TokenCounter, default_counter
+from optical_memory.transfer import read_jsonl, write_jsonl
 from renderers import RenderConfig, Renderer
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
+
+    from optical_memory.backends.deepseek_ocr.backend import Context, DeepSeekOCRBackend
 
 MAX_ID_CHARS = 256
 
@@ -57,175 +64,6 @@ def check_id(value: object, what: str) -> str:
     if bad is not None:
         raise ValueError(f"{what} {value!r} contains the control character {bad!r}")
     return value
-
-
-def format_turns(turns: Iterable[Turn], first_offset: int = 0) -> str:
-    """The recent turns as the decoder reads them: one "role: content" block per turn.
-
-    `first_offset` skips the characters of the first turn already on a page.
-    """
-    lines = []
-    for i, turn in enumerate(turns):
-        content = turn.content[first_offset:] if i == 0 else turn.content
-        lines.append(f"{turn.role}: {content}")
-    return "\n".join(lines)
-
-
-def format_query(query: str) -> str:
-    return f"\nuser: {query}\nassistant:"
-
-
-@dataclass(frozen=True)
-class PagePlan:
-    """One page in a plan: its place in the history and its mode now (None: out of the context)."""
-
-    index: int
-    first_turn: int
-    last_turn: int
-    sealed: bool
-    text_tokens: int
-    age: float
-    mode: str | None
-    vision_tokens: int
-    content_hash: str
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the context of a session holds for a query, and what each part costs."""
-
-    session_id: str
-    turns: int
-    counter: str
-    window: int
-    age_unit: str
-    pages: list[PagePlan]
-    text_start: tuple[int, int]  # (turn, character) where the recent text begins
-    text_tokens: int
-    query_tokens: int
-    answer_tokens: int
-    overhead: int
-    fits: bool
-    page_costs: dict[str, int] = field(repr=False)
-
-    @property
-    def vision_tokens(self) -> int:
-        return sum(p.vision_tokens for p in self.pages)
-
-    @property
-    def total(self) -> int:
-        """Decoder positions the context takes, the answer reserve included."""
-        return (
-            self.vision_tokens + self.text_tokens + self.query_tokens + self.answer_tokens
-            + self.overhead
-        )
-
-    @property
-    def history_tokens(self) -> int:
-        """The whole history as plain text (the recent text plus every page's text)."""
-        return self.text_tokens + sum(p.text_tokens for p in self.pages)
-
-    @property
-    def text_turns(self) -> int:
-        return self.turns - self.text_start[0]
-
-    def in_context(self) -> list[PagePlan]:
-        return [p for p in self.pages if p.mode is not None]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per tier (pages per mode, then out, then the recent text)."""
-        rows = []
-        for mode in (*FADING_ORDER, None):
-            pages = [p for p in self.pages if p.mode == mode]
-            text = sum(p.text_tokens for p in pages)
-            vision = sum(p.vision_tokens for p in pages)
-            rows.append(
-                {
-                    "tier": mode or "out",
-                    "pages": len(pages),
-                    "turns": len({t for p in pages for t in range(p.first_turn, p.last_turn + 1)}),
-                    "text_tokens": text,
-                    "context_tokens": vision,
-                    "ratio": text / vision if vision else None,
-                }
-            )
-        rows.append(
-            {
-                "tier": "text",
-                "pages": 0,
-                "turns": self.text_turns,
-                "text_tokens": self.text_tokens,
-                "context_tokens": self.text_tokens,
-                "ratio": 1.0 if self.text_tokens else None,
-            }
-        )
-        return rows
-
-    def table(self) -> str:
-        """The plan as a text table: tiers, then the totals against plain text."""
-        head = (
-            f"session {self.session_id!r}: {self.turns} turns, {len(self.pages)} pages, "
-            f"{self.window}-position window, tokens by {self.counter}"
-        )
-        fmt = "{:<8} {:>6} {:>6} {:>12} {:>15} {:>7}"
-        lines = [head, fmt.format("tier", "pages", "turns", "text tokens", "context tokens", "ratio")]
-        for r in self.rows():
-            ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
-            lines.append(
-                fmt.format(
-                    r["tier"], r["pages"], r["turns"], f"{r['text_tokens']:,}",
-                    f"{r['context_tokens']:,}", ratio,
-                )
-            )
-        kept = self.text_tokens + sum(p.text_tokens for p in self.in_context())
-        used = self.text_tokens + self.vision_tokens
-        extra = self.query_tokens + self.answer_tokens + self.overhead
-        lines.append(
-            f"query {self.query_tokens:,} + answer reserve {self.answer_tokens:,} + "
-            f"prompt {self.overhead:,} = {extra:,} positions"
-        )
-        lines.append(
-            f"context: {self.total:,} of {self.window:,} positions"
-            + ("" if self.fits else "  ** over the window **")
-            + f"; holds {kept:,} text tokens of history in {used:,} positions"
-            + (f" ({kept / used:.1f}x)" if used else "")
-        )
-        windows = self.history_tokens / max(1, self.window - extra)
-        lines.append(
-            f"plain text: the whole history is {self.history_tokens:,} tokens "
-            f"({windows:.1f} windows); optical memory keeps "
-            f"{kept / max(1, self.history_tokens):.0%} of it in context"
-        )
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "turns": self.turns,
-            "counter": self.counter,
-            "window": self.window,
-            "age_unit": self.age_unit,
-            "text_start": list(self.text_start),
-            "text_tokens": self.text_tokens,
-            "query_tokens": self.query_tokens,
-            "answer_tokens": self.answer_tokens,
-            "overhead": self.overhead,
-            "vision_tokens": self.vision_tokens,
-            "total": self.total,
-            "fits": self.fits,
-            "history_tokens": self.history_tokens,
-            "tiers": self.rows(),
-            "pages": [vars(p) for p in self.pages],
-        }
-
-
-@dataclass(frozen=True)
-class Context:
-    """Decoder inputs for a plan: `segments` (page embeddings, oldest first, then text)."""
-
-    plan: Plan
-    segments: list[Any]
-    encoded: int  # pages encoded for this call (the rest came from the cache)
 
 
 @dataclass(frozen=True)
@@ -259,13 +97,17 @@ class Stats:
 
 
 class OpticalMemory:
-    """Chat memory whose old turns become vision tokens that fade with age.
+    """Chat memory whose old turns become page images that fade with age.
 
     `store`: None for the embedded SQLite file, a path, `sqlite:///path`,
-    `redis://host:port/db`, or a Store. `model`: a checkpoint directory (loaded
-    on first use by `context`/`ask`) or a loaded model. `render`: the page
-    geometry (default: `RenderConfig.memory_page()`, the 1280x1280 Gundam canvas;
-    lower modes are derived from it by the encoder's preprocessing).
+    `redis://host:port/db`, or a Store. `model`: the backend that reads the
+    memory: a `Backend` (e.g. `OpenAIBackend(...)`), a spec for `open_backend`
+    (a DeepSeek-OCR checkpoint directory, loaded on first use, or
+    "NAME:ARGUMENT"), or a loaded DeepSeek-OCR model. Without a model, `profile`
+    (a name from `optical_memory.backends.PROFILES` or a `Profile`; default
+    DeepSeek-OCR) says how pages are counted and sent by `messages`. `device`
+    and `dtype` go to the local DeepSeek-OCR backend. `render`: the page geometry
+    (default: `RenderConfig.memory_page()`, the 1280x1280 Gundam canvas).
     `max_content_chars` bounds one turn.
     """
 
@@ -273,7 +115,8 @@ class OpticalMemory:
         self,
         store: str | os.PathLike | Store | None = None,
         *,
-        model: str | os.PathLike | Any | None = None,
+        model: str | os.PathLike | Backend | Any | None = None,
+        profile: str | Profile | None = None,
         device: str | None = None,
         dtype: str | None = None,
         render: RenderConfig | None = None,
@@ -281,37 +124,63 @@ class OpticalMemory:
         cache: CacheLimits | None = None,
         max_content_chars: int = 200_000,
     ):
-        self.store = open_store(store, cache=cache)
         self.policy = policy or Policy()
+        self.backend = _open_model(model, device, dtype)
+        if self.backend is not None and profile is not None:
+            raise ValueError("pass profile= only without model=: a backend counts with its own")
+        self._profile = get_profile(profile) if profile is not None else None
         self.max_content_chars = max_content_chars
-        self._model_source = model if isinstance(model, (str, os.PathLike)) else None
-        self._model = None if self._model_source is not None else model
-        self._device, self._dtype = device, dtype
         self._render_config = render or RenderConfig.memory_page()
         self._pager: Pager | None = None
         self._recounted: dict[tuple[str, str], int] = {}  # (page hash, counter) -> text tokens
+        self.store = open_store(store, cache=cache)
         self.cache = VisionCache(self.store)
 
-    # --- lazily built parts ---------------------------------------------------------
+    def __enter__(self) -> OpticalMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the model and how it counts -----------------------------------------------
+    @property
+    def profile(self) -> Profile:
+        """How the reading model counts: the backend's profile, else the one given, else
+        DeepSeek-OCR's with the policy's window."""
+        if self.backend is not None:
+            return self.backend.profile
+        return self._profile or deepseek_ocr_profile(self.policy.window)
+
+    @property
+    def tiers(self) -> dict[str, Tier]:
+        """Tier -> geometry and cost of one page of this memory's canvas."""
+        canvas = (self._render_config.width, self._render_config.height)
+        if self.backend is not None:
+            return self.backend.tiers(canvas)
+        return self.profile.tiers(canvas)
+
     @property
     def model(self) -> Any:
-        """The model, loaded on first use; ValueError when none was given."""
-        if self._model is None:
-            if self._model_source is None:
-                raise ValueError("this OpticalMemory has no model: pass model=<checkpoint dir>")
-            from optical_memory.backends.deepseek_ocr import load_model
+        """The local DeepSeek-OCR model, loaded on first use; ValueError for any other backend."""
+        return self._local_backend().model
 
-            self._model = load_model(self._model_source, device=self._device, dtype=self._dtype)
-        return self._model
+    def _local_backend(self) -> DeepSeekOCRBackend:
+        from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
+
+        if not isinstance(self.backend, DeepSeekOCRBackend):
+            raise ValueError(
+                "this OpticalMemory has no local model: pass model=<DeepSeek-OCR checkpoint dir>"
+            )
+        return self.backend
 
     @property
     def counter(self) -> TokenCounter:
-        """The decoder's tokenizer once a model is loaded, else the tiktoken estimate."""
-        return self._model.token_counter if self._model is not None else default_counter()
+        """The backend's token counter, else the tiktoken estimate."""
+        return self.backend.counter if self.backend is not None else default_counter()
 
     @property
     def window(self) -> int:
-        return self._model.window if self._model is not None else self.policy.window
+        return self.profile.window
 
     @property
     def pager(self) -> Pager:
@@ -386,31 +255,14 @@ class OpticalMemory:
 
     def export_jsonl(self, session_id: str, path: str | os.PathLike) -> int:
         """Write the session as JSONL (role, content, turn_id); returns the number of turns."""
-        turns = self.turns(session_id)
-        with Path(path).open("w", encoding="utf-8") as f:
-            f.writelines(
-                json.dumps({"role": t.role, "content": t.content, "turn_id": t.turn_id},
-                           ensure_ascii=False) + "\n"
-                for t in turns
-            )
-        return len(turns)
+        return write_jsonl(self.turns(session_id), path)
 
     def import_jsonl(self, session_id: str, path: str | os.PathLike) -> list[Turn]:
         """Append the turns of a JSONL file (as written by export_jsonl) in one batch.
 
         Lines with a "turn_id" are idempotent: importing the same file twice stores them once.
         """
-        messages = []
-        with Path(path).open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise MessageError(f"{path}: line {number}: not JSON: {exc.msg}") from None
-                    parse_message(obj, f"{path}: line {number}")
-                    messages.append(obj)
-        return self.extend(session_id, messages)
+        return self.extend(session_id, read_jsonl(path))
 
     # --- pages and plans ------------------------------------------------------------
     def _window_start(self, session_id: str, count: int) -> tuple[int, list[Turn]]:
@@ -438,7 +290,8 @@ class OpticalMemory:
     def plan(self, session_id: str, query: str | None = None, budget: int | None = None) -> Plan:
         """What the context holds for `query` now: pages and their modes, text, every token count.
 
-        Needs no model. `budget` overrides the decoder window.
+        Needs no model: the backend's (or the profile's) window and tier costs, or
+        DeepSeek-OCR's. `budget` overrides the window.
         """
         count = self._require(session_id)
         start, recent = self._window_start(session_id, count)
@@ -449,8 +302,9 @@ class OpticalMemory:
         text_tokens = self.counter.count(format_turns(text_turns, text_start[1])) if text_turns else 0
         query_tokens = self.counter.count(format_query(query)) if query else 0
         window = budget if budget is not None else self.window
-        canvas = self.render_config
-        costs = {m: MODES[m].vision_tokens(canvas.width, canvas.height) for m in FADING_ORDER}
+        tiers = self.tiers
+        costs = {name: tier.cost for name, tier in tiers.items()}
+        labels = self.profile.label_tokens
         schedule = self.policy.schedule
         if schedule.unit == "turns":
             ages = [count - 1 - r.last_turn for r in records]
@@ -460,11 +314,13 @@ class OpticalMemory:
         fixed = text_tokens + query_tokens + self.policy.answer_tokens + self.policy.overhead
         policy = replace(self.policy, window=window)
         page_tokens = self._page_tokens(session_id, records)
-        solution = solve(ages, page_tokens, costs, fixed, policy)
+        solution = solve(
+            ages, page_tokens, {name: c + labels for name, c in costs.items()}, fixed, policy
+        )
         pages = [
             PagePlan(
                 r.index, r.first_turn, r.last_turn, r.sealed, tokens, age, mode,
-                costs[mode] if mode else 0, r.content_hash,
+                costs[mode] if mode else 0, r.content_hash, r.newest_time,
             )
             for r, tokens, age, mode in zip(records, page_tokens, ages, solution.modes)
         ]
@@ -482,6 +338,7 @@ class OpticalMemory:
             overhead=self.policy.overhead,
             fits=solution.fits,
             page_costs=costs,
+            label_tokens=labels,
         )
 
     def _page_tokens(self, session_id: str, records: Sequence[PageRecord]) -> list[int]:
@@ -502,7 +359,39 @@ class OpticalMemory:
             for r in records
         ]
 
-    # --- page images and vision tokens ---------------------------------------------
+    # --- the context as a model reads it --------------------------------------------
+    def prompt(self, session_id: str, query: str | None = None, budget: int | None = None) -> Prompt:
+        """The plan for `query` as a `Prompt`: pages in context with their tiers and labels,
+        the recent turns, the query. Needs no model."""
+        plan = self.plan(session_id, query, budget)
+        if not plan.fits:
+            raise ValueError(
+                f"session {session_id!r}: recent text ({plan.text_tokens}), query "
+                f"({plan.query_tokens}) and answer reserve ({plan.answer_tokens}) exceed the "
+                f"{plan.window}-position window even with every page out of the context"
+            )
+        tiers = self.tiers
+        now = time.time()
+        records = {r.index: r for r in self.pages(session_id)}
+        pages = [
+            PromptPage(p, records[p.index], tiers[p.mode], page_label(p, now))
+            for p in plan.in_context()
+        ]
+        turns = self.store.turns(session_id, plan.text_start[0], plan.turns)
+        recent = [
+            (t.role, t.content[plan.text_start[1]:] if i == 0 else t.content)
+            for i, t in enumerate(turns)
+        ]
+        return Prompt(session_id, plan, pages, recent, query, self)
+
+    def messages(
+        self, session_id: str, query: str | None = None, budget: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The context for `query` as OpenAI chat messages (JSON-serialisable dicts): pages in
+        context as labelled PNG `image_url` parts at their tier's geometry, oldest first, then
+        the recent turns, then the query. Needs no model."""
+        return self.prompt(session_id, query, budget).messages()
+
     def page_image(self, session_id: str, page: PageRecord | PagePlan) -> Image.Image:
         """The page rendered at the configured canvas, from the cache or rendered (and cached) now."""
         record = self._record(session_id, page)
@@ -522,60 +411,51 @@ class OpticalMemory:
                 return record
         raise LookupError(f"page {page.index} of session {session_id!r} is not in its pages now")
 
-    def encode_pages(
-        self, session_id: str, plan: Plan, progress: bool = False, batch_size: int = 8
-    ) -> tuple[list[torch.Tensor], int]:
-        """Vision tokens of the plan's pages in context, oldest first; encodes only cache misses.
-
-        Misses are encoded in batches of up to `batch_size` pages of one mode.
-        """
-        encoder = self.model.encoder
-        records = {r.index: r for r in self.pages(session_id)}
-        wanted = plan.in_context()
-        out: dict[int, torch.Tensor] = {}
-        misses: dict[str, list[tuple[PagePlan, str]]] = {}
-        for p in wanted:
-            record = records.get(p.index)
-            if record is None or record.content_hash != p.content_hash:
-                raise LookupError(
-                    f"page {p.index} of session {session_id!r} changed since the plan; plan again"
-                )
-            key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.fingerprint)
-            hit = self.cache.get_tensor(session_id, key)
-            if hit is not None:
-                out[p.index] = hit
-            else:
-                misses.setdefault(p.mode, []).append((p, key))
-        encoded = sum(len(group) for group in misses.values())
-        self.store.count_cache(session_id, hits=len(out), misses=encoded)
-        with tqdm(total=encoded, desc="encoding pages", unit="page", disable=not progress) as bar:
-            for mode, group in misses.items():
-                for start in range(0, len(group), batch_size):
-                    chunk = group[start : start + batch_size]
-                    images = [self.page_image(session_id, records[p.index]) for p, _ in chunk]
-                    for (p, key), embedding in zip(chunk, encoder.encode_batch(images, mode)):
-                        self.cache.put_tensor(session_id, key, embedding)
-                        out[p.index] = embedding
-                    bar.update(len(chunk))
-        return [out[p.index] for p in wanted], encoded
+    def page_png(self, session_id: str, page: PageRecord | PagePlan, tier: Tier) -> bytes:
+        """The page as PNG bytes at `tier`'s geometry: rendered once per page content and tier,
+        then cached (the cache's limits evict what an open page left behind)."""
+        record = self._record(session_id, page)
+        key = cache_key(record.content_hash, record.fingerprint, f"png-{tier.width}x{tier.height}", "")
+        png = self.cache.get_png(session_id, key)
+        if png is None:
+            image = self.page_image(session_id, record)
+            if image.size != (tier.width, tier.height):
+                image = image.resize((tier.width, tier.height), Image.Resampling.LANCZOS)
+            png = encode_png(image)
+            # the open page too: its key is its content, so a later turn makes a new key
+            self.cache.put_png(session_id, key, png, image.size)
+        return png
 
     def context(
         self, session_id: str, query: str, budget: int | None = None, progress: bool = False
     ) -> Context:
-        """The decoder inputs for `query`: page embeddings (cached or encoded now), recent text, query."""
-        _ = self.model  # loaded first, so that the plan counts with the decoder's tokenizer
-        plan = self.plan(session_id, query, budget)
-        if not plan.fits:
-            raise ValueError(
-                f"session {session_id!r}: recent text ({plan.text_tokens}), query "
-                f"({plan.query_tokens}) and answer reserve ({plan.answer_tokens}) exceed the "
-                f"{plan.window}-position window even with every page out of the context"
-            )
-        embeddings, encoded = self.encode_pages(session_id, plan, progress)
-        recent = self.store.turns(session_id, plan.text_start[0], plan.turns)
-        text = format_turns(recent, plan.text_start[1])
-        segments: list[Any] = [*embeddings, "\n" + text + format_query(query)]
-        return Context(plan, segments, encoded)
+        """DeepSeek-OCR decoder inputs for `query`: page embeddings (cached or encoded now),
+        recent text, query. Needs the local backend."""
+        backend = self._local_backend()
+        return backend.context(self.prompt(session_id, query, budget), progress=progress)
+
+    def encode_pages(
+        self, session_id: str, plan: Plan, progress: bool = False, batch_size: int = 8
+    ) -> tuple[list[torch.Tensor], int]:
+        """Vision tokens of the plan's pages in context, oldest first (local backend); encodes
+        only cache misses, in batches of up to `batch_size` pages of one mode."""
+        return self._local_backend().encode_pages(self, session_id, plan, progress, batch_size)
+
+    # --- answers --------------------------------------------------------------------
+    def _question(
+        self, session_id: str, query: str, max_new_tokens: int | None, turn_id: str | None
+    ) -> tuple[NewTurn, Prompt, int]:
+        if self.backend is None:
+            raise ValueError("this OpticalMemory has no model: pass model=<backend or checkpoint>")
+        question = self._new_turn({"role": "user", "content": query}, turn_id, "query")
+        answer_tokens = max_new_tokens or self.policy.answer_tokens
+        # a longer answer than the policy reserves takes its extra positions from the pages
+        budget = self.window - max(0, answer_tokens - self.policy.answer_tokens)
+        return question, self.prompt(session_id, query, budget=budget), answer_tokens
+
+    def _store_answer(self, session_id: str, question: NewTurn, text: str) -> None:
+        reply = self._new_turn({"role": "assistant", "content": text}, None, "answer")
+        self.store.append(session_id, [question, reply])
 
     def ask(
         self,
@@ -583,20 +463,35 @@ class OpticalMemory:
         query: str,
         max_new_tokens: int | None = None,
         turn_id: str | None = None,
-        progress: bool = False,
-        **generation: Any,
-    ) -> str:
-        """Answer `query` from the session's memory, then append the question and the answer as turns."""
-        question = self._new_turn({"role": "user", "content": query}, turn_id, "query")
-        answer_tokens = max_new_tokens or self.policy.answer_tokens
-        _ = self.model
-        # a longer answer than the policy reserves takes its extra positions from the pages
-        budget = self.window - max(0, answer_tokens - self.policy.answer_tokens)
-        ctx = self.context(session_id, query, budget=budget, progress=progress)
-        answer = self.model.generate(ctx.segments, max_new_tokens=answer_tokens, **generation)
-        reply = self._new_turn({"role": "assistant", "content": answer}, None, "answer")
-        self.store.append(session_id, [question, reply])
+        **options: Any,
+    ) -> Answer:
+        """Answer `query` from the session's memory with the backend, then append the question
+        and the answer as turns. Nothing is stored when the backend fails (`BackendError`).
+        `options` go to the backend (sampling settings; `progress` for the local one)."""
+        question, prompt, answer_tokens = self._question(
+            session_id, query, max_new_tokens, turn_id
+        )
+        answer = self.backend.answer(prompt, max_tokens=answer_tokens, **options)
+        self._store_answer(session_id, question, answer.text)
         return answer
+
+    def stream(
+        self,
+        session_id: str,
+        query: str,
+        max_new_tokens: int | None = None,
+        turn_id: str | None = None,
+        **options: Any,
+    ) -> Iterator[str]:
+        """`ask`, yielding the answer in pieces; the turns are appended once it is complete."""
+        question, prompt, answer_tokens = self._question(
+            session_id, query, max_new_tokens, turn_id
+        )
+        pieces = []
+        for piece in self.backend.stream(prompt, max_tokens=answer_tokens, **options):
+            pieces.append(piece)
+            yield piece
+        self._store_answer(session_id, question, "".join(pieces))
 
     def stats(self, session_id: str) -> Stats:
         """Turns, pages per mode now, cache use of a session."""
@@ -614,3 +509,16 @@ class OpticalMemory:
     def close(self) -> None:
         self.store.close()
 
+
+def _open_model(
+    model: str | os.PathLike | Backend | Any | None, device: str | None, dtype: str | None
+) -> Backend | None:
+    """The backend for `OpticalMemory(model=...)`; a loaded DeepSeek-OCR model is wrapped."""
+    if model is None:
+        return None
+    options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if isinstance(model, (str, os.PathLike, Backend)):
+        return open_backend(model, **options)
+    from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
+
+    return DeepSeekOCRBackend(model)

@@ -140,8 +140,9 @@ class OpticalModel:
         inputs = self.assemble(segments, config.max_new_tokens)
         return list(generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id))
 
-    def _answer_ids(self, ids: list[int]) -> list[int]:
-        return ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids
+    def answer_text(self, ids: list[int]) -> str:
+        """Generated ids as text, the final EOS (if reached) removed."""
+        return self.tokenizer.decode(ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids)
 
     def generate(
         self,
@@ -163,7 +164,7 @@ class OpticalModel:
             no_repeat_ngram_size=no_repeat_ngram_size,
             seed=seed,
         )
-        return self.tokenizer.decode(self._answer_ids(ids))
+        return self.answer_text(ids)
 
     def stream(self, segments: Sequence[Segment], **options: Any) -> Iterator[str]:
         """Yield the answer as it is generated, in text pieces that concatenate to `generate`'s text.

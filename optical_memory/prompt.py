@@ -1,0 +1,117 @@
+"""The planned context as a model reads it: pinned text, labelled pages, recent turns, the query.
+
+Two formats come out of one `Prompt`: OpenAI chat messages (`messages()`, for
+any chat model that takes `image_url` parts) and the plain text the DeepSeek-OCR
+decoder reads after its page embeddings (`recent_text()` + `format_query`).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optical_memory.backends.profiles import Tier
+from optical_memory.pages import PageRecord
+from optical_memory.plan import PagePlan, Plan
+
+if TYPE_CHECKING:
+    from optical_memory.memory import OpticalMemory
+
+PAGES_INTRO = "Earlier in this conversation (pages of the transcript, oldest first):"
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def format_turns(turns: Iterable[Any], first_offset: int = 0) -> str:
+    """Turns as the DeepSeek-OCR decoder reads them: one "role: content" block per turn.
+
+    `first_offset` skips the characters of the first turn already on a page.
+    """
+    lines = []
+    for i, turn in enumerate(turns):
+        content = turn.content[first_offset:] if i == 0 else turn.content
+        lines.append(f"{turn.role}: {content}")
+    return "\n".join(lines)
+
+
+def format_query(query: str) -> str:
+    return f"\nuser: {query}\nassistant:"
+
+
+def age_text(seconds: float) -> str:
+    """'just now', '5 minutes ago', '3 hours ago', '2 days ago'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        n = int(seconds // size)
+        if n >= 1:
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+def page_label(page: PagePlan, now: float | None = None) -> str:
+    """What a page holds and when, e.g. "turns 120-151, 3 days ago" (turns numbered from 1)."""
+    first, last = page.first_turn + 1, page.last_turn + 1
+    turns = f"turn {first}" if first == last else f"turns {first}-{last}"
+    age = age_text(max(0.0, (time.time() if now is None else now) - page.newest_time))
+    return f"{turns}, {age}"
+
+
+def chat_message(role: str, content: str) -> dict[str, str]:
+    """A recent turn as a chat message; a tool result without its call id becomes a user turn."""
+    if role in CHAT_ROLES:
+        return {"role": role, "content": content}
+    return {"role": "user", "content": f"[{role}] {content}"}
+
+
+@dataclass(frozen=True)
+class PromptPage:
+    """A page in context: its plan entry and stored record, the tier it is sent at, its label."""
+
+    page: PagePlan
+    record: PageRecord
+    tier: Tier
+    label: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A session's context for one query, ready for a backend.
+
+    `recent` holds the text window as (role, content) pairs, the first one cut
+    where the last page ends. Page images and cached vision tokens come from
+    `memory` on demand, so a backend reads only what it needs.
+    """
+
+    session_id: str
+    plan: Plan
+    pages: list[PromptPage]
+    recent: list[tuple[str, str]]
+    query: str | None
+    memory: OpticalMemory = field(repr=False)
+    pinned: list[tuple[str, str]] = field(default_factory=list)
+
+    def recent_text(self) -> str:
+        return "\n".join(f"{role}: {content}" for role, content in self.recent)
+
+    def page_png(self, page: PromptPage) -> bytes:
+        return self.memory.page_png(self.session_id, page.record, page.tier)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """OpenAI chat messages: pinned text, one user message of labelled page images (PNG
+        data URLs at each page's tier geometry, oldest first), the recent turns, the query."""
+        out: list[dict[str, Any]] = [chat_message(r, c) for r, c in self.pinned]
+        if self.pages:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
+            for page in self.pages:
+                url = "data:image/png;base64," + base64.b64encode(self.page_png(page)).decode()
+                image: dict[str, str] = {"url": url}
+                if page.tier.detail:
+                    image["detail"] = page.tier.detail
+                parts.append({"type": "text", "text": page.label})
+                parts.append({"type": "image_url", "image_url": image})
+            out.append({"role": "user", "content": parts})
+        out.extend(chat_message(r, c) for r, c in self.recent)
+        if self.query:
+            out.append({"role": "user", "content": self.query})
+        return out
