@@ -4,10 +4,10 @@ PYTHON ?= python3
 .PHONY: setup setup-test demo test
 
 setup:
-	scripts/setup.sh redis
+	scripts/setup.sh deepseek-ocr,redis
 
 setup-test:
-	scripts/setup.sh test,redis
+	scripts/setup.sh deepseek-ocr,test,redis
 
 demo: setup
 	optical-memory demo --out out/demo

@@ -18,6 +18,7 @@ import math
 import struct
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from optical_memory.stores.base import Store
@@ -99,7 +100,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """Deterministic PNG bytes of an image (no metadata), as sent to chat models."""
+    """Deterministic PNG bytes of an image (no metadata), as sent to chat models.
+
+    A grey image (every rendered page: the renderer draws grey ink) is stored as one
+    8-bit channel, half the bytes of RGB for the same pixels.
+    """
+    if image.mode == "RGB":
+        pixels = np.asarray(image)
+        if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all():
+            image = image.convert("L")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
@@ -151,13 +160,15 @@ class VisionCache:
 
     def _get(self, session_id: str, key: str, decode: Any) -> Any:
         value = self.store.cache_get(session_id, key)
-        if value is not None:
-            try:
-                return decode(key, value)
-            except CacheEntryError as exc:
-                log.warning("dropping cache entry %s of session %r: %s", key, session_id, exc)
-                self.store.cache_delete(session_id, key)
-        return None
+        return None if value is None else self._decode(session_id, key, value, decode)
+
+    def _decode(self, session_id: str, key: str, value: bytes, decode: Any) -> Any:
+        try:
+            return decode(key, value)
+        except CacheEntryError as exc:
+            log.warning("dropping cache entry %s of session %r: %s", key, session_id, exc)
+            self.store.cache_delete(session_id, key)
+            return None
 
     def get_tensor(self, session_id: str, key: str) -> torch.Tensor | None:
         return self._get(session_id, key, tensor_from_bytes)
@@ -176,8 +187,11 @@ class VisionCache:
         self.store.cache_put(session_id, key, value)
         return len(value)
 
-    def get_png(self, session_id: str, key: str) -> bytes | None:
-        return self._get(session_id, key, png_from_bytes)
+    def get_pngs(self, session_id: str, keys: list[str]) -> dict[str, bytes]:
+        """The PNGs of `keys` that are cached and sound, read in one round trip."""
+        found = self.store.cache_get_many(session_id, keys)
+        pngs = {k: self._decode(session_id, k, v, png_from_bytes) for k, v in found.items()}
+        return {k: png for k, png in pngs.items() if png is not None}
 
     def put_png(self, session_id: str, key: str, png: bytes, size: tuple[int, int]) -> int:
         value = png_to_bytes(key, png, size)

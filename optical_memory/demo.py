@@ -14,9 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from optical_memory.backends import Answer, Backend
 from optical_memory.conversation import build_conversation
-from optical_memory.memory import OpticalMemory, Plan
+from optical_memory.memory import OpticalMemory
 from optical_memory.messages import load_transcript
+from optical_memory.plan import Plan
 from optical_memory.stores import Store
 
 DEFAULT_QUESTION = "What is the launch date, and where is the launch party?"
@@ -28,7 +30,7 @@ class DemoResult:
     session_id: str
     plan: Plan
     pictures: list[Path]
-    answer: str | None = None
+    answer: Answer | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -38,7 +40,7 @@ def run_demo(
     transcript: str | os.PathLike | None = None,
     turns: int = 1000,
     store: str | os.PathLike | Store | None = None,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | Backend | None = None,
     question: str | None = None,
     progress: bool = True,
 ) -> DemoResult:

@@ -136,7 +136,7 @@ class OpticalMemory:
         self.store = open_store(store, cache=cache)
         self.cache = VisionCache(self.store)
 
-    def __enter__(self) -> OpticalMemory:
+    def __enter__(self) -> OpticalMemory:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,7 +168,7 @@ class OpticalMemory:
         from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
 
         if not isinstance(self.backend, DeepSeekOCRBackend):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (a configuration error, not a wrong argument type)
                 "this OpticalMemory has no local model: pass model=<DeepSeek-OCR checkpoint dir>"
             )
         return self.backend
@@ -411,20 +411,27 @@ class OpticalMemory:
                 return record
         raise LookupError(f"page {page.index} of session {session_id!r} is not in its pages now")
 
-    def page_png(self, session_id: str, page: PageRecord | PagePlan, tier: Tier) -> bytes:
-        """The page as PNG bytes at `tier`'s geometry: rendered once per page content and tier,
-        then cached (the cache's limits evict what an open page left behind)."""
-        record = self._record(session_id, page)
-        key = cache_key(record.content_hash, record.fingerprint, f"png-{tier.width}x{tier.height}", "")
-        png = self.cache.get_png(session_id, key)
-        if png is None:
-            image = self.page_image(session_id, record)
-            if image.size != (tier.width, tier.height):
-                image = image.resize((tier.width, tier.height), Image.Resampling.LANCZOS)
-            png = encode_png(image)
-            # the open page too: its key is its content, so a later turn makes a new key
-            self.cache.put_png(session_id, key, png, image.size)
-        return png
+    def page_pngs(
+        self, session_id: str, pages: Sequence[tuple[PageRecord, Tier]]
+    ) -> list[bytes]:
+        """Each (page, tier) as PNG bytes at the tier's geometry: read from the cache in one
+        round trip; a miss is rendered and cached (an open page too: its key is its content,
+        so a later turn makes a new key, and the cache's limits evict what it left behind)."""
+        keys = [
+            cache_key(r.content_hash, r.fingerprint, f"png-{t.width}x{t.height}", "")
+            for r, t in pages
+        ]
+        found = self.cache.get_pngs(session_id, keys)
+        out = []
+        for (record, tier), key in zip(pages, keys):
+            if key not in found:
+                image = self.page_image(session_id, record)
+                if image.size != (tier.width, tier.height):
+                    image = image.resize((tier.width, tier.height), Image.Resampling.LANCZOS)
+                found[key] = encode_png(image)
+                self.cache.put_png(session_id, key, found[key], image.size)
+            out.append(found[key])
+        return out
 
     def context(
         self, session_id: str, query: str, budget: int | None = None, progress: bool = False

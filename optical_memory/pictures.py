@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
-from optical_memory.memory import Plan
 from optical_memory.modes import FADING_ORDER, MODES
+from optical_memory.plan import Plan
 
 TIER_COLORS = {
     "gundam": "#1b7837",

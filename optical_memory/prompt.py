@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from PIL import Image
 
 from optical_memory.backends.profiles import Tier
+from optical_memory.cache import VisionCache
 from optical_memory.pages import PageRecord
 from optical_memory.plan import PagePlan, Plan
-
-if TYPE_CHECKING:
-    from optical_memory.memory import OpticalMemory
+from optical_memory.stores import Store
 
 PAGES_INTRO = "Earlier in this conversation (pages of the transcript, oldest first):"
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -64,6 +65,21 @@ def chat_message(role: str, content: str) -> dict[str, str]:
     return {"role": "user", "content": f"[{role}] {content}"}
 
 
+class PageSource(Protocol):
+    """Where a prompt's pages come from (an `OpticalMemory`): records, images, the cache."""
+
+    store: Store
+    cache: VisionCache
+
+    def pages(self, session_id: str) -> list[PageRecord]: ...
+
+    def page_image(self, session_id: str, page: PageRecord) -> Image.Image: ...
+
+    def page_pngs(
+        self, session_id: str, pages: Sequence[tuple[PageRecord, Tier]]
+    ) -> list[bytes]: ...
+
+
 @dataclass(frozen=True)
 class PromptPage:
     """A page in context: its plan entry and stored record, the tier it is sent at, its label."""
@@ -88,14 +104,15 @@ class Prompt:
     pages: list[PromptPage]
     recent: list[tuple[str, str]]
     query: str | None
-    memory: OpticalMemory = field(repr=False)
+    memory: PageSource = field(repr=False)
     pinned: list[tuple[str, str]] = field(default_factory=list)
 
     def recent_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.recent)
 
-    def page_png(self, page: PromptPage) -> bytes:
-        return self.memory.page_png(self.session_id, page.record, page.tier)
+    def page_pngs(self) -> list[bytes]:
+        """The pages as PNG bytes at their tiers' geometry (cached per page and tier)."""
+        return self.memory.page_pngs(self.session_id, [(p.record, p.tier) for p in self.pages])
 
     def messages(self) -> list[dict[str, Any]]:
         """OpenAI chat messages: pinned text, one user message of labelled page images (PNG
@@ -103,8 +120,8 @@ class Prompt:
         out: list[dict[str, Any]] = [chat_message(r, c) for r, c in self.pinned]
         if self.pages:
             parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
-            for page in self.pages:
-                url = "data:image/png;base64," + base64.b64encode(self.page_png(page)).decode()
+            for page, png in zip(self.pages, self.page_pngs()):
+                url = "data:image/png;base64," + base64.b64encode(png).decode()
                 image: dict[str, str] = {"url": url}
                 if page.tier.detail:
                     image["detail"] = page.tier.detail

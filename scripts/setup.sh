@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-time set-up for a fresh machine: system fonts, the pinned CPU build of PyTorch, the package.
-# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "redis"; the test command passes "test,redis")
+# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "deepseek-ocr,redis"; the test command
+# passes "deepseek-ocr,test,redis"). The pinned CPU wheel of PyTorch is installed first, so the
+# deepseek-ocr extra's torch range installs nothing more.
 set -euo pipefail
-extras=${1:-redis}
+extras=${1:-deepseek-ocr,redis}
 cd "$(dirname "$0")/.."
 
 fonts=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)

@@ -101,21 +101,27 @@ def _memory_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[...
     """Turn the API's errors into one clear line on stderr and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
+        from optical_memory.backends import BackendError
         from optical_memory.stores import StoreError
 
         try:
             return handler(args)
-        except (ValueError, LookupError, TypeError, StoreError, OSError) as exc:
+        except (ValueError, LookupError, TypeError, StoreError, OSError, BackendError) as exc:
             raise SystemExit(f"optical-memory {args.command}: {exc}") from None
 
     return run
 
 
-def _open_memory(args: argparse.Namespace, model: str | None = None) -> OpticalMemory:
+def _open_memory(args: argparse.Namespace) -> OpticalMemory:
     from optical_memory.memory import OpticalMemory
 
-    return OpticalMemory(args.store, model=model, device=getattr(args, "device", None),
-                         dtype=getattr(args, "dtype", None))
+    return OpticalMemory(
+        args.store,
+        model=getattr(args, "model", None),
+        profile=getattr(args, "profile", None),
+        device=getattr(args, "device", None),
+        dtype=getattr(args, "dtype", None),
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -155,8 +161,20 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    mem = _open_memory(args, model=args.model)
-    print(mem.ask(args.session, args.question, max_new_tokens=args.max_new_tokens, progress=True))
+    mem = _open_memory(args)
+    for piece in mem.stream(args.session, args.question, args.max_new_tokens, progress=True):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _messages(args: argparse.Namespace) -> int:
+    import json
+
+    mem = _open_memory(args)
+    messages = mem.messages(args.session, args.query, budget=args.budget)
+    print(json.dumps(messages, indent=1, ensure_ascii=False))
     return 0
 
 
@@ -165,12 +183,19 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = (
+    "a DeepSeek-OCR checkpoint directory, or a backend spec such as "
+    "openai:http://127.0.0.1:8001/v1?model=NAME&profile=qwen2.5-vl"
+)
+_PROFILES = "deepseek-ocr (default), deepseek-ocr-vllm, qwen2-vl, qwen2.5-vl, gpt-4o"
+
+
 def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="page, plan and picture a long conversation (no GPU, no weights)")
     p.add_argument("--out", default="out/demo", help="directory for the pictures and plan.json")
     p.add_argument("--transcript", help="JSONL or JSON array of messages (default: a synthetic one)")
     p.add_argument("--turns", type=int, default=1000, help="turns of the synthetic conversation")
-    p.add_argument("--model", help="checkpoint directory: also encode the pages and answer --ask")
+    p.add_argument("--model", help="also answer --ask with this model: " + _MODEL_HELP)
     p.add_argument("--ask", help="question to answer with --model")
     _store_option(p, "OUT/memory.sqlite3")
     p.set_defaults(handler=_memory_errors(_demo))
@@ -189,10 +214,18 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     _store_option(p, "the embedded SQLite file")
     p.set_defaults(handler=_memory_errors(_plan))
 
+    p = sub.add_parser("messages", help="the context for a query as OpenAI chat messages (JSON)")
+    p.add_argument("session")
+    p.add_argument("--query", help="the question the context is for (sent last)")
+    p.add_argument("--budget", type=int, help="positions (default: the profile's window)")
+    p.add_argument("--profile", help="how the reading model counts images: " + _PROFILES)
+    _store_option(p, "the embedded SQLite file")
+    p.set_defaults(handler=_memory_errors(_messages))
+
     p = sub.add_parser("ask", help="answer a question from a session's memory (needs --model)")
     p.add_argument("session")
     p.add_argument("question")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the reserve)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float32, ... (default: bf16 on GPU, fp32 on CPU)")

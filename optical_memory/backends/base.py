@@ -93,15 +93,22 @@ class Backend(ABC):
         return f"{self.name} backend"
 
     @abstractmethod
-    def answer(self, prompt: Prompt, *, max_tokens: int, **options: Any) -> Answer:
-        """The model's answer to `prompt`, at most `max_tokens` tokens long."""
+    def answer(
+        self, prompt: Prompt, *, max_tokens: int, progress: bool = False, **options: Any
+    ) -> Answer:
+        """The model's answer to `prompt`, at most `max_tokens` tokens long. `progress` shows
+        progress bars for long local work (encoding pages); `options` are model settings."""
 
-    def stream(self, prompt: Prompt, *, max_tokens: int, **options: Any) -> AnswerStream:
+    def stream(
+        self, prompt: Prompt, *, max_tokens: int, progress: bool = False, **options: Any
+    ) -> AnswerStream:
         """The answer in pieces as they are generated (default: one piece)."""
         result = AnswerStream(iter(()))
 
         def pieces() -> Iterator[str]:
-            result.answer = self.answer(prompt, max_tokens=max_tokens, **options)
+            result.answer = self.answer(
+                prompt, max_tokens=max_tokens, progress=progress, **options
+            )
             yield result.answer.text
 
         result.pieces = pieces()

@@ -106,7 +106,9 @@ class OpenAIBackend(Backend):
         return {"model": self.model, "messages": prompt.messages(), "max_tokens": max_tokens,
                 **options}
 
-    def answer(self, prompt: Prompt, *, max_tokens: int, **options: Any) -> Answer:
+    def answer(
+        self, prompt: Prompt, *, max_tokens: int, progress: bool = False, **options: Any
+    ) -> Answer:
         """`options` are passed to `chat.completions.create` (temperature, top_p, seed, ...)."""
         try:
             response = self._client.chat.completions.create(
@@ -123,7 +125,9 @@ class OpenAIBackend(Backend):
             finish_reason=choice.finish_reason,
         )
 
-    def stream(self, prompt: Prompt, *, max_tokens: int, **options: Any) -> AnswerStream:
+    def stream(
+        self, prompt: Prompt, *, max_tokens: int, progress: bool = False, **options: Any
+    ) -> AnswerStream:
         request = self._request(prompt, max_tokens, options)
         result = AnswerStream(iter(()))
 

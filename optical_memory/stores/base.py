@@ -167,6 +167,11 @@ class Store(ABC):
     def cache_get(self, session_id: str, key: str) -> bytes | None:
         """The cached value, refreshing its recency; None if absent or expired."""
 
+    def cache_get_many(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """The cached values of `keys` that are present (one round trip where the store can)."""
+        found = {key: self.cache_get(session_id, key) for key in keys}
+        return {key: value for key, value in found.items() if value is not None}
+
     @abstractmethod
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         """Store a value, then evict least recently used entries beyond the size bound."""

@@ -282,6 +282,20 @@ class RedisStore(Store):
         value = self._call("cache read", lambda: self._cache_get(keys=keys, args=args))
         return bytes(value) if value else None
 
+    def cache_get_many(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """The reads pipelined: one round trip for all keys."""
+        unique = list(dict.fromkeys(keys))
+
+        def run() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for key in unique:
+                script_keys, args = self._cache_args(session_id, key)
+                self._cache_get(keys=script_keys, args=args, client=pipe)
+            return pipe.execute()
+
+        values = self._call("cache read", run) if unique else []
+        return {key: bytes(v) for key, v in zip(unique, values) if v}
+
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         keys, args = self._cache_args(session_id, key)
         args += [self.limits.max_bytes, value]

@@ -191,6 +191,30 @@ class SQLiteStore(Store):
             db.execute("UPDATE cache SET used = ? WHERE sid = ? AND key = ?", (t, session_id, key))
             return bytes(row[0])
 
+    def cache_get_many(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """One transaction (one sync to disk) for all reads and their recency updates."""
+        t = now()
+        ttl = self.limits.ttl_s
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._write() as db:
+            for start in range(0, len(unique), 500):  # within SQLite's bound on parameters
+                chunk = unique[start : start + 500]
+                rows = db.execute(
+                    f"SELECT key, value, used FROM cache WHERE sid = ? AND key IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    (session_id, *chunk),
+                ).fetchall()
+                found.update(
+                    (key, bytes(value)) for key, value, used in rows
+                    if ttl is None or t - used <= ttl
+                )
+            db.executemany(
+                "UPDATE cache SET used = ? WHERE sid = ? AND key = ?",
+                [(t, session_id, key) for key in found],
+            )
+        return found
+
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         with self._write() as db:
             db.execute(

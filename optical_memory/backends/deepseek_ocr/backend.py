@@ -25,14 +25,13 @@ from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.backends.profiles import Profile, deepseek_ocr_profile
 from optical_memory.cache import cache_key
 from optical_memory.plan import PagePlan, Plan
-from optical_memory.prompt import Prompt, format_query
+from optical_memory.prompt import PageSource, Prompt, format_query
 from optical_memory.tokens import TokenCounter
 
 if TYPE_CHECKING:
     import torch
 
     from optical_memory.backends.deepseek_ocr.model import OpticalModel
-    from optical_memory.memory import OpticalMemory
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ class DeepSeekOCRBackend(Backend):
     # --- vision tokens ----------------------------------------------------------------
     def encode_pages(
         self,
-        memory: OpticalMemory,
+        memory: PageSource,
         session_id: str,
         plan: Plan,
         progress: bool = False,

@@ -21,8 +21,6 @@ Where the experts read group sizes on the host (the CPU, float32; see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from PIL import Image
 
@@ -39,9 +37,6 @@ from optical_memory.backends.deepseek_ocr.weights import (
     to_internal,
 )
 from optical_memory.modes import Mode, get_mode
-
-if TYPE_CHECKING:
-    from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder
 
 
 class StaticKVCache:
@@ -84,7 +79,7 @@ class DecodeStep:
     (and their captured graphs) across generations.
     """
 
-    def __init__(self, decoder: DeepseekOCRDecoder, batch: int) -> None:
+    def __init__(self, decoder: torch.nn.Module, batch: int) -> None:  # a DeepseekOCRDecoder
         cfg = decoder.config
         device, dtype = decoder.device, decoder.dtype
         self.decoder = decoder
