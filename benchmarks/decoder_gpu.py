@@ -28,10 +28,10 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import transformers
+from common import command, matmul_peak_tflops, write_json
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
 
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
@@ -63,13 +63,6 @@ def timed(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> float:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def matmul_peak_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    ms = timed(lambda: a @ b, warmup=3, iters=10)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def prefill_flops(cfg: DecoderConfig, seq: int) -> float:
@@ -239,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command("python", sys.argv[0], argv=argv),
         "decoder": cfg.to_dict(),
         "active_params": active_params(cfg),
         "active_params_note": ACTIVE_PARAMS_NOTE,
-        "matmul_peak_tflops": matmul_peak_tflops(512 if args.small else 8192),
+        "matmul_peak_tflops": matmul_peak_tflops(
+            lambda fn: timed(fn, warmup=3, iters=10) * 1e-3, 512 if args.small else 8192, DEVICE
+        ),
     }
     print(json.dumps(result, indent=1), flush=True)
 
@@ -322,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result["conversation"]["kv_ratio_plain_over_optical"] = plain_len / optical_len
     print(json.dumps(result["conversation"], indent=1), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     return 0
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION
 from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder

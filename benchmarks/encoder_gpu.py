@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from PIL import Image, ImageDraw
+from common import command, matmul_peak_tflops, reference_encoder, text_page, write_json
+from PIL import Image
 
 from optical_memory.backends.deepseek_ocr import Encoder, EncoderConfig, make_views
 from optical_memory.backends.deepseek_ocr.configuration import SamConfig
@@ -80,13 +81,7 @@ def page_flops(config: EncoderConfig, mode_name: str) -> float:
 
 
 def test_page(width: int, height: int) -> Image.Image:
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for y in range(16, height - 16, 20):
-        draw.text(
-            (24, y), f"{y:05d} the quick brown fox jumps over the lazy dog " * 3, fill="black"
-        )
-    return image
+    return text_page(width, height, margin=16, line_height=20, left=24)
 
 
 def timed(fn: Callable[[], object], min_seconds: float, min_iters: int = 3) -> float:
@@ -115,10 +110,7 @@ def profile(fn: Callable[[], object], title: str) -> None:
 
 
 def matmul_peak(min_seconds: float) -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    seconds = timed(lambda: a @ b, min_seconds, min_iters=20)
-    return 2 * 8192**3 / seconds / 1e12
+    return matmul_peak_tflops(lambda fn: timed(fn, min_seconds, min_iters=20))
 
 
 def measure(fn: Callable[[], object], batch: int, min_seconds: float) -> dict:
@@ -145,22 +137,8 @@ def measure(fn: Callable[[], object], batch: int, min_seconds: float) -> dict:
 
 def reference_forward(ref_dir: Path, tensors: dict[str, torch.Tensor]) -> Callable:
     """The reference SAM, CLIP and projector with our random weights, bf16 on the GPU."""
-    sys.path.insert(0, str(ref_dir))
-    import deepencoder
-
-    sam = deepencoder.build_sam_vit_b()
-    clip = deepencoder.build_clip_l()
-    projector = deepencoder.MlpProjector(
-        deepencoder.adict(projector_type="linear", input_dim=2048, n_embed=1280)
-    )
-    for prefix, module in (
-        ("model.sam_model.", sam),
-        ("model.vision_model.", clip),
-        ("model.projector.", projector),
-    ):
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False
-        )
+    sam, clip, projector, _ = reference_encoder(ref_dir, tensors)
+    for module in (sam, clip, projector):
         module.to("cuda", torch.bfloat16).eval()
 
     @torch.inference_mode()
@@ -292,7 +270,7 @@ def main() -> None:
 
     result = {
         "what": "DeepEncoder pages/s, full size, random weights, bf16; reference measured in the same run",
-        "command": "python " + " ".join(sys.argv),
+        "command": command("python", sys.argv[0]),
         "machine": {
             "gpu": torch.cuda.get_device_name(),
             "python": platform.python_version(),
@@ -305,8 +283,7 @@ def main() -> None:
         "rows": rows,
         "compile_note": "+compile rows: first two calls (warm-up, untimed) include compilation",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     print("->", args.out)
 
 

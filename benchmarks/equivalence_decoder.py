@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -54,17 +53,10 @@ import types
 from pathlib import Path
 
 import torch
+from common import REFERENCE_MODES, ROOT, command, write_json
 from PIL import Image, ImageDraw
 
 PROMPT_TAIL = "\nFree OCR."
-# Reference `infer` settings per mode: (base_size, image_size, crop_mode).
-REFERENCE_MODE_ARGS = {
-    "tiny": (512, 512, False),
-    "small": (640, 640, False),
-    "base": (1024, 1024, False),
-    "large": (1280, 1280, False),
-    "gundam": (1024, 640, True),
-}
 # The multi-page prompt: (kind, value) in order.
 MULTI = [
     ("page", ("gundam", 0)),
@@ -266,7 +258,7 @@ def run_reference(args: argparse.Namespace) -> None:
             raise _Captured(a, k)
 
         model.generate = stop
-        base_size, image_size, crop = REFERENCE_MODE_ARGS[mode]
+        base_size, image_size, crop = REFERENCE_MODES[mode]
         try:
             model.infer(
                 tokenizer,
@@ -440,7 +432,7 @@ def reference_outputs(
             "--dtype",
             dtype,
         ]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+        subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(meta.read_text()), load_file(f"{stem}.safetensors")
 
 
@@ -476,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.reference_python:
         ap.error("--reference-python is required")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     work = Path(args.work or tempfile.mkdtemp(prefix="equiv-"))
     ckpt = work / "ckpt"
@@ -495,8 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {
-        "command": "python "
-        + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command("python", sys.argv[0], argv=argv, quote=True),
         "machine": f"{platform.machine()} {machine}",
         "dtype": args.dtype,
         "torch": torch.__version__,
@@ -575,9 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps({k: v for k, v in result.items() if k != "greedy"}, indent=1))
     print("greedy identical prefix:", agree, "of", len(gen_ref))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     return 0 if result["pass"] else 1
 
 

@@ -37,22 +37,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from common import REFERENCE_MODES, command, reference_encoder, text_page, write_json
+from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
 from optical_memory.backends.deepseek_ocr import EncoderConfig, load_encoder, make_views
 from optical_memory.backends.deepseek_ocr.preprocess import normalize
 from optical_memory.backends.deepseek_ocr.testing import random_encoder_tensors
 from optical_memory.modes import MODES
-
-# mode -> (base_size, image_size, crop_mode), as in the reference's config.py
-REFERENCE_MODES = {
-    "tiny": (512, 512, False),
-    "small": (640, 640, False),
-    "base": (1024, 1024, False),
-    "large": (1280, 1280, False),
-    "gundam": (1024, 640, True),
-}
 
 
 def extract_function(path: Path, name: str, namespace: dict) -> types.FunctionType:
@@ -79,20 +71,9 @@ class TorchFp32:
 
 
 def reference_model(ref_dir: Path, tensors: dict[str, torch.Tensor]) -> types.SimpleNamespace:
-    import deepencoder  # the reference module, from --reference
-
-    sam = deepencoder.build_sam_vit_b().eval()
-    clip = deepencoder.build_clip_l().eval()
-    projector = deepencoder.MlpProjector(
-        deepencoder.adict(projector_type="linear", input_dim=2048, n_embed=1280)
-    ).eval()
-    for prefix, module in (
-        ("model.sam_model.", sam),
-        ("model.vision_model.", clip),
-        ("model.projector.", projector),
-    ):
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        result = module.load_state_dict(state, strict=False)
+    sam, clip, projector, loaded = reference_encoder(ref_dir, tensors)
+    for module, result in zip((sam, clip, projector), loaded):
+        module.eval()
         assert not result.unexpected_keys, result.unexpected_keys
         assert set(result.missing_keys) <= {"embeddings.position_ids"}, result.missing_keys
     layout = extract_function(
@@ -147,14 +128,7 @@ def reference_pixels(ref_dir: Path, image: Image.Image, mode: str):
 
 
 def test_page(width: int, height: int) -> Image.Image:
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for y in range(20, height - 20, 22):
-        draw.text(
-            (30, y), f"{y:05d} the quick brown fox jumps over the lazy dog " * 3, fill="black"
-        )
-    draw.rectangle((width // 3, height // 3, width // 2, height // 2), outline="red", width=5)
-    return image
+    return text_page(width, height, margin=20, line_height=22, left=30, box=True)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -234,7 +208,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {
         "what": "per-image embeddings, ours vs the DeepSeek-OCR reference, same random weights",
-        "command": "python " + " ".join(sys.argv),
+        "command": command("python", sys.argv[0]),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "dtype": "float32",
         "sam_implementation": args.sam_implementation,
@@ -243,8 +217,7 @@ def main() -> None:
         "results": rows,
         "all_pass": all(r["pass"] for r in rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     print("all pass" if result["all_pass"] else "MISMATCH", "->", args.out)
 
 

@@ -6,7 +6,7 @@ the other modes from that image with the encoder's preprocessing
 crops (so it reads like Large), Large pads 1280 to 1280 (the page as it is),
 Base scales it to 1024, Small to 640, Tiny to 512. For each memory-page font
 size this script renders the first full page of legibility.py's multilingual
-transcript at 1280, builds each mode's view, reads it back with Tesseract
+transcript (common.transcript) at 1280, builds each mode's view, reads it back with Tesseract
 (legibility.py's settings and CER), and records per font size and mode the
 text tokens per page, the vision tokens, their ratio and the CER. Text tokens
 are also given for the demo conversation (optical_memory/conversation.py:
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +34,18 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from legibility import CER_LIMIT, _cpu_name, _tesseract_version, cer, ocr, transcript
+from common import (
+    CER_LIMIT,
+    RESULTS_DIR,
+    cer,
+    command,
+    cpu_name,
+    ocr,
+    require_tesseract,
+    tesseract_version,
+    transcript,
+    write_json,
+)
 from PIL import Image
 
 from optical_memory.backends.deepseek_ocr.preprocess import global_view, local_tiles
@@ -45,7 +54,6 @@ from optical_memory.modes import FADING_ORDER, get_mode
 from optical_memory.tokens import TokenCounter, default_counter
 from renderers import RenderConfig, Renderer
 
-RESULTS = Path(__file__).parent / "results"
 DEMO_TURNS = 1000
 CROP = (22, 40, 262, 112)  # left, top, right, bottom: the first text lines below the role label
 
@@ -74,8 +82,10 @@ def densest_legible(rows: list[dict]) -> int | None:
     """The smallest font size whose native view (Large) has CER <= CER_LIMIT and whose chat
     pages hold more text tokens than Gundam costs; None when no measured size qualifies."""
     ok = [
-        r["font_size"] for r in rows
-        if r["mode"] == "large" and r["cer"] <= CER_LIMIT
+        r["font_size"]
+        for r in rows
+        if r["mode"] == "large"
+        and r["cer"] <= CER_LIMIT
         and r["chat_text_tokens_per_page"] > get_mode("gundam").vision_tokens(1280, 1280)
     ]
     return min(ok) if ok else None
@@ -85,10 +95,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=2, help="Tesseract processes at once")
     ap.add_argument("--sizes", default="12,14,16,18", help="memory-page font sizes in px at 1280")
-    ap.add_argument("--replot", action="store_true", help="redraw the PNG from the recorded JSON, no OCR")
+    ap.add_argument(
+        "--replot", action="store_true", help="redraw the PNG from the recorded JSON, no OCR"
+    )
     args = ap.parse_args()
-    if shutil.which("tesseract") is None:
-        sys.exit("tesseract not found: install tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-rus tesseract-ocr-ell")
+    require_tesseract()
     sizes = [int(s) for s in args.sizes.split(",")]
     messages = transcript()
     counter = default_counter()
@@ -105,8 +116,8 @@ def main() -> None:
         cases.append((size, config, page, views, reference))
 
     if args.replot:
-        recorded = json.loads((RESULTS / "forgetting_curve.json").read_text())
-        plot(recorded["rows"], cases, RESULTS / "forgetting_curve.png")
+        recorded = json.loads((RESULTS_DIR / "forgetting_curve.json").read_text())
+        plot(recorded["rows"], cases, RESULTS_DIR / "forgetting_curve.png")
         return
 
     # Gundam's tiles are crops of the page at its own resolution: when its stitched view is
@@ -119,10 +130,12 @@ def main() -> None:
             jobs.append((size, m, view))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
-        texts = dict(zip(
-            [(s, m) for s, m, _ in jobs],
-            pool.map(lambda j: ocr(j[2], workdir, f"{j[0]}-{j[1]}"), jobs),
-        ))
+        texts = dict(
+            zip(
+                [(s, m) for s, m, _ in jobs],
+                pool.map(lambda j: ocr(j[2], workdir, f"{j[0]}-{j[1]}"), jobs),
+            )
+        )
     ocr_seconds = time.perf_counter() - started
 
     rows = []
@@ -131,25 +144,27 @@ def main() -> None:
         for m in FADING_ORDER:
             read = (size, m) if (size, m) in texts else (size, "large")
             vision = get_mode(m).vision_tokens(config.width, config.height)
-            rows.append({
-                "font_size": size,
-                "mode": m,
-                "view": f"{views[m].width}x{views[m].height}",
-                "effective_font_px": round(size * views[m].width / config.width, 1),
-                "ocr_of": read[1],
-                "lines_per_page": config.lines_per_page,
-                "text_tokens_per_page": page.text_tokens,
-                "vision_tokens": vision,
-                "compression": round(page.text_tokens / vision, 2),
-                "chat_text_tokens_per_page": round(chat_tokens, 1),
-                "chat_compression": round(chat_tokens / vision, 2),
-                "cer": round(cer(reference, texts[read]), 4),
-            })
+            rows.append(
+                {
+                    "font_size": size,
+                    "mode": m,
+                    "view": f"{views[m].width}x{views[m].height}",
+                    "effective_font_px": round(size * views[m].width / config.width, 1),
+                    "ocr_of": read[1],
+                    "lines_per_page": config.lines_per_page,
+                    "text_tokens_per_page": page.text_tokens,
+                    "vision_tokens": vision,
+                    "compression": round(page.text_tokens / vision, 2),
+                    "chat_text_tokens_per_page": round(chat_tokens, 1),
+                    "chat_compression": round(chat_tokens / vision, 2),
+                    "cer": round(cer(reference, texts[read]), 4),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
 
     result = {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "tesseract": _tesseract_version()},
-        "command": " ".join(["python3 benchmarks/forgetting_curve.py", *sys.argv[1:]]),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "tesseract": tesseract_version()},
+        "command": command("python3 benchmarks/forgetting_curve.py"),
         "page": "first full page of legibility.transcript() rendered at the 1280x1280 gundam canvas (margin 22)",
         "views": "optical_memory.backends.deepseek_ocr.preprocess: gundam = its 640 local tiles stitched, other modes = global view",
         "ocr": "tesseract -l eng+rus+ell+chi_sim --psm 6 on the view upscaled 2x (Lanczos), as legibility.py",
@@ -162,12 +177,13 @@ def main() -> None:
         "memory_page_font_size": RenderConfig.memory_page().font_size,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "forgetting_curve.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, cases, RESULTS / "forgetting_curve.png")
+    write_json(RESULTS_DIR / "forgetting_curve.json", result, indent=2)
+    plot(rows, cases, RESULTS_DIR / "forgetting_curve.png")
     if result["chosen_font_size"] != result["memory_page_font_size"]:
-        print(f"note: RenderConfig.memory_page() uses {result['memory_page_font_size']} px, "
-              f"the measured choice is {result['chosen_font_size']} px")
+        print(
+            f"note: RenderConfig.memory_page() uses {result['memory_page_font_size']} px, "
+            f"the measured choice is {result['chosen_font_size']} px"
+        )
 
 
 def plot(rows: list[dict], cases: list, path: Path) -> None:
@@ -175,19 +191,37 @@ def plot(rows: list[dict], cases: list, path: Path) -> None:
     sizes = [c[0] for c in cases]
     colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(sizes)))
     fig = plt.figure(figsize=(13, 11))
-    grid = fig.add_gridspec(1 + len(sizes), 2 * len(FADING_ORDER), height_ratios=[4] + [1] * len(sizes))
+    grid = fig.add_gridspec(
+        1 + len(sizes), 2 * len(FADING_ORDER), height_ratios=[4] + [1] * len(sizes)
+    )
     ax_cer = fig.add_subplot(grid[0, : len(FADING_ORDER)])
-    ax_cmp = fig.add_subplot(grid[0, len(FADING_ORDER):])
+    ax_cmp = fig.add_subplot(grid[0, len(FADING_ORDER) :])
     x = np.arange(len(FADING_ORDER))
     for size, color in zip(sizes, colors):
-        r = [next(row for row in rows if row["font_size"] == size and row["mode"] == m) for m in FADING_ORDER]
+        r = [
+            next(row for row in rows if row["font_size"] == size and row["mode"] == m)
+            for m in FADING_ORDER
+        ]
         ax_cer.plot(x, [100 * row["cer"] for row in r], "o-", color=color, label=f"{size} px page")
-        ax_cmp.plot(x, [row["chat_compression"] for row in r], "o-", color=color,
-                    label=f"{size} px, demo chat ({r[0]['chat_text_tokens_per_page']:.0f} tok/page)")
-        ax_cmp.plot(x, [row["compression"] for row in r], "o--", color=color, alpha=0.45,
-                    label=f"{size} px, dense transcript ({r[0]['text_tokens_per_page']} tok/page)")
+        ax_cmp.plot(
+            x,
+            [row["chat_compression"] for row in r],
+            "o-",
+            color=color,
+            label=f"{size} px, demo chat ({r[0]['chat_text_tokens_per_page']:.0f} tok/page)",
+        )
+        ax_cmp.plot(
+            x,
+            [row["compression"] for row in r],
+            "o--",
+            color=color,
+            alpha=0.45,
+            label=f"{size} px, dense transcript ({r[0]['text_tokens_per_page']} tok/page)",
+        )
     ax_cer.axhline(100 * CER_LIMIT, color="grey", ls=":", lw=1)
-    ax_cer.text(x[-1], 100 * CER_LIMIT, f" {100 * CER_LIMIT:.0f}% ", va="bottom", ha="right", color="grey")
+    ax_cer.text(
+        x[-1], 100 * CER_LIMIT, f" {100 * CER_LIMIT:.0f}% ", va="bottom", ha="right", color="grey"
+    )
     ax_cer.set_yscale("log")
     ax_cer.set_ylabel("Tesseract CER (%), log scale")
     ax_cer.set_title("Legibility of each mode's view of one 1280 memory page")
@@ -212,7 +246,7 @@ def plot(rows: list[dict], cases: list, path: Path) -> None:
             k = view.width / 1280
             box = tuple(round(c * k) for c in CROP)
             crop = view.crop(box).resize((CROP[2] - CROP[0], CROP[3] - CROP[1]), Image.NEAREST)
-            ax = fig.add_subplot(grid[i, 2 * j: 2 * j + 2])
+            ax = fig.add_subplot(grid[i, 2 * j : 2 * j + 2])
             ax.imshow(np.asarray(crop), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

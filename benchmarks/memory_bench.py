@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from common import RESULTS_DIR, command, cpu_name, write_json
 
 from optical_memory.cache import cache_key, tensor_to_bytes
 from optical_memory.conversation import build_conversation
@@ -42,7 +43,7 @@ from optical_memory.modes import FADING_ORDER, MODES
 from optical_memory.stores.redis import RedisStore
 from optical_memory.tokens import default_counter
 
-RESULTS = Path(__file__).parent / "results" / "memory.json"
+RESULTS = RESULTS_DIR / "memory.json"
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -132,9 +133,7 @@ def bench_plan(sizes: list[int], workdir: Path, repeats: int) -> dict:
         first = time.perf_counter() - t
         samples = time_each(lambda _, m=mem: m.plan("s", query="When do we launch?"), repeats)
         text = [m["content"] for m in messages]
-        base = time_each(
-            lambda _, t=text: sum(counter.count(c) for c in t), max(3, repeats // 10)
-        )
+        base = time_each(lambda _, t=text: sum(counter.count(c) for c in t), max(3, repeats // 10))
         plan = mem.plan("s", query="When do we launch?")
         out[str(n)] = {
             "plan_median_ms": round(1000 * statistics.median(samples), 3),
@@ -142,7 +141,9 @@ def bench_plan(sizes: list[int], workdir: Path, repeats: int) -> dict:
             "first_plan_with_paging_s": round(first, 3),
             "pages": len(plan.pages),
             "baseline_count_history_ms": round(1000 * statistics.median(base), 3),
-            "ratio_plan_to_baseline": round(statistics.median(samples) / statistics.median(base), 4),
+            "ratio_plan_to_baseline": round(
+                statistics.median(samples) / statistics.median(base), 4
+            ),
         }
         mem.close()
     return out
@@ -160,7 +161,9 @@ def bench_cache(workdir: Path) -> dict:
         key = cache_key("page", "render", mode, "model")
         out[mode] = {
             "vision_tokens": tokens,
-            "bf16_bytes": len(tensor_to_bytes(key, torch.zeros(tokens, 1280, dtype=torch.bfloat16))),
+            "bf16_bytes": len(
+                tensor_to_bytes(key, torch.zeros(tokens, 1280, dtype=torch.bfloat16))
+            ),
             "fp32_bytes": len(tensor_to_bytes(key, torch.zeros(tokens, 1280, dtype=torch.float32))),
         }
     mem = OpticalMemory(workdir / "cache.sqlite3")
@@ -174,17 +177,8 @@ def bench_cache(workdir: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpus_available": len(os.sched_getaffinity(0)),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -200,7 +194,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--cpu", type=int, default=0, help="CPU to pin the plan benchmark to")
     args = parser.parse_args()
-    result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    result = {"machine": machine(), "command": command(Path(sys.argv[0]).name)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("append latency ...", flush=True)
@@ -216,11 +210,12 @@ def main() -> None:
         }
         print("plan latency (one CPU) ...", flush=True)
         os.sched_setaffinity(0, {args.cpu})
-        result["plan"] = bench_plan([int(s) for s in args.sizes.split(",")], work, args.plan_repeats)
+        result["plan"] = bench_plan(
+            [int(s) for s in args.sizes.split(",")], work, args.plan_repeats
+        )
         print("cache entry sizes ...", flush=True)
         result["cache_bytes_per_page"] = bench_cache(work)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(RESULTS, result, indent=1)
     print(json.dumps(result, indent=1))
 
 

@@ -20,18 +20,17 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL
+from common import RESULTS_DIR, command, cpu_name, write_json
 from PIL import Image, ImageDraw, ImageFont
 
 from renderers import RenderConfig, Renderer
 
-RESULTS = Path(__file__).parent / "results" / "render_speed.json"
+RESULTS = RESULTS_DIR / "render_speed.json"
 PROSE = (
     "the memory of a conversation fades like ours: recent turns stay sharp while older pages "
     "are kept at lower resolution, cheaper to hold, harder to read. Vision tokens encode "
@@ -44,7 +43,10 @@ def transcript(n_turns: int, words_per_turn: int) -> list[dict]:
     rng = np.random.default_rng(0)
     words = PROSE.split()
     return [
-        {"role": ("user", "assistant")[i % 2], "content": " ".join(rng.choice(words, words_per_turn))}
+        {
+            "role": ("user", "assistant")[i % 2],
+            "content": " ".join(rng.choice(words, words_per_turn)),
+        }
         for i in range(n_turns)
     ]
 
@@ -76,7 +78,9 @@ def main() -> None:
     pages = [p for p in renderer.paginate(messages) if p.full][: args.pages]
     chars = [sum(s.end - s.start for s in p.spans) for p in pages]
 
-    font = ImageFont.truetype(renderer.fonts.sans.path, config.font_size, layout_engine=ImageFont.Layout.BASIC)
+    font = ImageFont.truetype(
+        renderer.fonts.sans.path, config.font_size, layout_engine=ImageFont.Layout.BASIC
+    )
     jobs = [renderer.page_lines(messages, p) for p in pages]
 
     def pillow(lines):
@@ -100,39 +104,33 @@ def main() -> None:
 
     result = {
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "python": sys.version.split()[0],
             "numpy": np.__version__,
             "pillow": PIL.__version__,
             "pinned_cpu": args.cpu,
             "threads": 1,
         },
-        "command": " ".join(["python3 benchmarks/render_speed.py", *sys.argv[1:]]),
-        "page": {"mode": config.mode, "width": config.width, "height": config.height,
-                 "font_size": config.font_size, "pages": len(pages),
-                 "chars_per_page": round(float(np.mean(chars)))},
+        "command": command("python3 benchmarks/render_speed.py"),
+        "page": {
+            "mode": config.mode,
+            "width": config.width,
+            "height": config.height,
+            "font_size": config.font_size,
+            "pages": len(pages),
+            "chars_per_page": round(float(np.mean(chars))),
+        },
         "pillow_imagedraw_pages_per_s": round(baseline, 2),
         "render_pages_per_s": round(ours_render, 2),
         "paginate_and_render_pages_per_s": round(ours_full, 2),
         "render_speedup_vs_pillow": round(ours_render / baseline, 2),
         "paginate_and_render_speedup_vs_pillow": round(ours_full / baseline, 2),
         "notes": "Pillow draws pre-broken lines (Layout.BASIC) and does no layout; "
-                 "'render' draws laid-out pages; 'paginate and render' adds line breaking, "
-                 "pagination and token counting.",
+        "'render' draws laid-out pages; 'paginate and render' adds line breaking, "
+        "pagination and token counting.",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result, indent=2)
     print(json.dumps(result, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

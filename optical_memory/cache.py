@@ -10,6 +10,7 @@ recomputes it from the text: the cache can lose anything and memory loses nothin
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -51,8 +52,10 @@ def pack(key: str, dtype: str, shape: tuple[int, ...], payload: bytes) -> bytes:
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
 
 
-def unpack(key: str, value: bytes) -> tuple[str, tuple[int, ...], bytes]:
-    """(dtype, shape, payload) of a packed value; CacheEntryError if anything is off."""
+def unpack(key: str, value: bytes) -> tuple[str, tuple[int, ...], memoryview]:
+    """(dtype, shape, payload) of a packed value; CacheEntryError if anything is off.
+
+    The payload is a view into `value` (no copy of megabytes of pixels)."""
     if len(value) < _PREFIX.size:
         raise CacheEntryError("entry shorter than its header")
     magic, version, size = _PREFIX.unpack_from(value)
@@ -66,7 +69,7 @@ def unpack(key: str, value: bytes) -> tuple[str, tuple[int, ...], bytes]:
         raise CacheEntryError(f"unreadable entry header: {exc}") from None
     if stored_key != key:
         raise CacheEntryError(f"entry is for key {stored_key!r}")
-    payload = value[_PREFIX.size + size :]
+    payload = memoryview(value)[_PREFIX.size + size :]
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CacheEntryError("payload checksum mismatch")
     return dtype, shape, payload
@@ -115,21 +118,29 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def png_to_bytes(key: str, png: bytes, size: tuple[int, int]) -> bytes:
+    """A PNG entry: the PNG in base64, ready for a data URL without encoding it on every read."""
     width, height = size
-    return pack(key, "png", (height, width), png)
+    return pack(key, "png-base64", (height, width), base64.b64encode(png))
 
 
-def png_from_bytes(key: str, value: bytes) -> bytes:
-    """The PNG bytes of an entry, checked without decoding: signature and IHDR size."""
+def png_from_bytes(key: str, value: bytes) -> str:
+    """The base64 text of a PNG entry, checked without decoding it whole: its checksum,
+    ASCII, and a PNG signature and IHDR size that match the header. (It is only ever
+    sent inside a JSON string, so a hostile entry can at worst be an unreadable image.)"""
     dtype, shape, payload = unpack(key, value)
-    if dtype != "png":
+    if dtype != "png-base64":
         raise CacheEntryError(f"entry holds {dtype!r}, not a PNG image")
-    if payload[:8] != PNG_SIGNATURE or payload[12:16] != b"IHDR":
+    try:
+        head = base64.b64decode(bytes(payload[:32]), validate=True)
+        text = str(payload, "ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise CacheEntryError("payload is not base64") from None
+    if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         raise CacheEntryError("payload is not a PNG")
-    width, height = struct.unpack(">II", payload[16:24])
+    width, height = struct.unpack(">II", head[16:24])
     if (height, width) != shape:
         raise CacheEntryError(f"PNG is {width}x{height}, header says {list(shape)}")
-    return payload
+    return text
 
 
 def image_to_bytes(key: str, image: Image.Image) -> bytes:
@@ -187,8 +198,8 @@ class VisionCache:
         self.store.cache_put(session_id, key, value)
         return len(value)
 
-    def get_pngs(self, session_id: str, keys: list[str]) -> dict[str, bytes]:
-        """The PNGs of `keys` that are cached and sound, read in one round trip."""
+    def get_pngs(self, session_id: str, keys: list[str]) -> dict[str, str]:
+        """The PNGs (as base64 text) of `keys` that are cached and sound, in one round trip."""
         found = self.store.cache_get_many(session_id, keys)
         pngs = {k: self._decode(session_id, k, v, png_from_bytes) for k, v in found.items()}
         return {k: png for k, png in pngs.items() if png is not None}

@@ -10,6 +10,7 @@ model is imported on first use, so the memory itself needs no torch.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import unicodedata
@@ -413,10 +414,11 @@ class OpticalMemory:
 
     def page_pngs(
         self, session_id: str, pages: Sequence[tuple[PageRecord, Tier]]
-    ) -> list[bytes]:
-        """Each (page, tier) as PNG bytes at the tier's geometry: read from the cache in one
-        round trip; a miss is rendered and cached (an open page too: its key is its content,
-        so a later turn makes a new key, and the cache's limits evict what it left behind)."""
+    ) -> list[str]:
+        """Each (page, tier) as a base64 PNG at the tier's geometry, ready for a data URL: read
+        from the cache in one round trip; a miss is rendered and cached (an open page too: its
+        key is its content, so a later turn makes a new key, and the cache's limits evict
+        what it left behind)."""
         keys = [
             cache_key(r.content_hash, r.fingerprint, f"png-{t.width}x{t.height}", "")
             for r, t in pages
@@ -428,8 +430,9 @@ class OpticalMemory:
                 image = self.page_image(session_id, record)
                 if image.size != (tier.width, tier.height):
                     image = image.resize((tier.width, tier.height), Image.Resampling.LANCZOS)
-                found[key] = encode_png(image)
-                self.cache.put_png(session_id, key, found[key], image.size)
+                png = encode_png(image)
+                self.cache.put_png(session_id, key, png, image.size)
+                found[key] = base64.b64encode(png).decode("ascii")
             out.append(found[key])
         return out
 

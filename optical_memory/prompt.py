@@ -7,7 +7,6 @@ decoder reads after its page embeddings (`recent_text()` + `format_query`).
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +76,7 @@ class PageSource(Protocol):
 
     def page_pngs(
         self, session_id: str, pages: Sequence[tuple[PageRecord, Tier]]
-    ) -> list[bytes]: ...
+    ) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,8 @@ class Prompt:
     def recent_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.recent)
 
-    def page_pngs(self) -> list[bytes]:
-        """The pages as PNG bytes at their tiers' geometry (cached per page and tier)."""
+    def page_pngs(self) -> list[str]:
+        """The pages as base64 PNGs at their tiers' geometry (cached per page and tier)."""
         return self.memory.page_pngs(self.session_id, [(p.record, p.tier) for p in self.pages])
 
     def messages(self) -> list[dict[str, Any]]:
@@ -121,8 +120,7 @@ class Prompt:
         if self.pages:
             parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
             for page, png in zip(self.pages, self.page_pngs()):
-                url = "data:image/png;base64," + base64.b64encode(png).decode()
-                image: dict[str, str] = {"url": url}
+                image: dict[str, str] = {"url": "data:image/png;base64," + png}
                 if page.tier.detail:
                     image["detail"] = page.tier.detail
                 parts.append({"type": "text", "text": page.label})

@@ -11,8 +11,6 @@ from optical_memory.cache import (
 )
 from optical_memory.stores import CacheLimits
 
-pytest_plugins = ["store_fixtures"]
-
 KEY = cache_key("pagehash", "renderfp", "base", "modelfp")
 
 

@@ -13,8 +13,8 @@ from optical_memory.modes import get_mode
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_model(write_checkpoint(tmp_path_factory.mktemp("ckpt")), "cpu", torch.float32)
+def model(checkpoint):
+    return load_model(checkpoint, "cpu", torch.float32)
 
 
 def page(n: int, value: float) -> torch.Tensor:

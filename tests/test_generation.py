@@ -14,8 +14,8 @@ from optical_memory.backends.deepseek_ocr.testing import write_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_model(write_checkpoint(tmp_path_factory.mktemp("ckpt")), "cpu", torch.float32)
+def model(checkpoint):
+    return load_model(checkpoint, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")

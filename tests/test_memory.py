@@ -4,32 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 
 import pytest
 
 from optical_memory.memory import OpticalMemory, UnknownSessionError
 from optical_memory.messages import MessageError
 from optical_memory.policy import Policy, Schedule
-
-pytest_plugins = ["store_fixtures"]
-
-WORDS = (
-    *("launch", "date", "March", "budget", "review", "server", "Redis", "page", "vision"),
-    *("memory", "token", "window", "décision", "réunion", "Termin", "Fenster"),
-    *("记忆", "窗口", "память", "окно"),
-)
-
-
-def conversation(n: int, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    return [
-        {
-            "role": ("user", "assistant")[i % 2],
-            "content": f"[{i}] " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 90))),
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture
@@ -49,7 +29,7 @@ def test_append_is_stored_and_idempotent_with_turn_id(mem):
     assert mem.sessions() == ["chat-42"]
 
 
-def test_extend_export_import_round_trip(mem, tmp_path):
+def test_extend_export_import_round_trip(mem, tmp_path, conversation):
     msgs = conversation(30)
     mem.extend("a", msgs, turn_ids=[f"m{i}" for i in range(30)])
     path = tmp_path / "a.jsonl"
@@ -74,7 +54,9 @@ def test_extend_export_import_round_trip(mem, tmp_path):
         (lambda m: m.append(None, "user", "hi"), TypeError, "session id must be a string"),
         (lambda m: m.append("s", "user", "hi", turn_id=""), ValueError, "turn id"),
         (
-            lambda m: m.extend("s", [{"role": "user", "content": "ok"}, {"role": "x", "content": "no"}]),
+            lambda m: m.extend(
+                "s", [{"role": "user", "content": "ok"}, {"role": "x", "content": "no"}]
+            ),
             MessageError,
             "message 1",
         ),
@@ -89,7 +71,7 @@ def test_bad_input_is_refused_and_stores_nothing(store, call, error, message):
     assert mem.sessions() == []
 
 
-def test_sealed_pages_never_move_and_cover_the_history(mem):
+def test_sealed_pages_never_move_and_cover_the_history(mem, conversation):
     msgs = conversation(160)
     mem.extend("s", msgs[:100])
     before = mem.pages("s")
@@ -109,7 +91,7 @@ def test_sealed_pages_never_move_and_cover_the_history(mem):
     assert plan.turns - plan.text_start[0] <= 6
 
 
-def test_two_memories_on_one_store_agree_on_pages(store_factory):
+def test_two_memories_on_one_store_agree_on_pages(store_factory, conversation):
     policy = Policy(recent_turns=4, recent_tokens=400)
     a = OpticalMemory(store_factory(), policy=policy)
     b = OpticalMemory(store_factory(), policy=policy)
@@ -120,14 +102,18 @@ def test_two_memories_on_one_store_agree_on_pages(store_factory):
     assert len(a.store.pages("s")) == len([p for p in pa if p.sealed])
 
 
-def test_plan_fits_the_window_and_counts_every_part(mem):
+def test_plan_fits_the_window_and_counts_every_part(mem, conversation):
     mem.extend("s", conversation(300))
     plan = mem.plan("s", query="When do we launch?")
     assert plan.fits and plan.total <= 8192
     assert plan.counter.startswith("tiktoken/cl100k_base")
     assert plan.query_tokens > 0 and plan.answer_tokens == 512
     assert plan.total == (
-        plan.vision_tokens + plan.text_tokens + plan.query_tokens + plan.answer_tokens + plan.overhead
+        plan.vision_tokens
+        + plan.text_tokens
+        + plan.query_tokens
+        + plan.answer_tokens
+        + plan.overhead
     )
     tiers = {r["tier"]: r for r in plan.rows()}
     assert sum(r["pages"] for r in tiers.values()) == len(plan.pages)
@@ -140,7 +126,7 @@ def test_plan_fits_the_window_and_counts_every_part(mem):
     assert small == mem.plan("s", query="When do we launch?", budget=3000)
 
 
-def test_older_pages_fade_by_schedule(store):
+def test_older_pages_fade_by_schedule(store, conversation):
     policy = Policy(
         schedule=Schedule(((40, "gundam"), (80, "base"), (120, "tiny"))),
         recent_turns=4,
@@ -152,12 +138,14 @@ def test_older_pages_fade_by_schedule(store):
     mem.extend("s", conversation(200))
     plan = mem.plan("s")
     for p in plan.pages:
-        expected = "gundam" if p.age < 40 else "base" if p.age < 80 else "tiny" if p.age < 120 else None
+        expected = (
+            "gundam" if p.age < 40 else "base" if p.age < 80 else "tiny" if p.age < 120 else None
+        )
         assert p.mode == expected
     assert {p.mode for p in plan.pages} == {"gundam", "base", "tiny", None}
 
 
-def test_wall_clock_schedule_uses_turn_times(store):
+def test_wall_clock_schedule_uses_turn_times(store, conversation):
     policy = Policy(schedule=Schedule(((3600, "gundam"),), unit="seconds"), recent_turns=4)
     mem = OpticalMemory(store, policy=policy)
     mem.extend("s", conversation(60))
@@ -166,7 +154,7 @@ def test_wall_clock_schedule_uses_turn_times(store):
     assert all(0 <= p.age < 60 and p.mode is not None for p in plan.pages)
 
 
-def test_page_images_are_rendered_once_then_cached(mem):
+def test_page_images_are_rendered_once_then_cached(mem, conversation):
     mem.extend("s", conversation(60))
     sealed = next(p for p in mem.pages("s") if p.sealed)
     image = mem.page_image("s", sealed)
@@ -176,7 +164,7 @@ def test_page_images_are_rendered_once_then_cached(mem):
     assert mem.page_image("s", sealed).tobytes() == image.tobytes()
 
 
-def test_stats_report_pages_and_cache(mem):
+def test_stats_report_pages_and_cache(mem, conversation):
     mem.extend("s", conversation(120))
     stats = mem.stats("s")
     assert stats.turns == 120
@@ -185,7 +173,7 @@ def test_stats_report_pages_and_cache(mem):
     assert "turns" in stats.table()
 
 
-def test_page_text_recount_matches_the_renderer(mem):
+def test_page_text_recount_matches_the_renderer(mem, conversation):
     from optical_memory.tokens import default_counter
 
     mem.extend("s", conversation(80))

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_memory import conversation
 
-from optical_memory.backends.deepseek_ocr.testing import write_checkpoint
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy, Schedule
 
@@ -27,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def mem(tmp_path_factory, checkpoint) -> OpticalMemory:
+def mem(tmp_path_factory, checkpoint, conversation) -> OpticalMemory:
     store = tmp_path_factory.mktemp("store") / "memory.sqlite3"
     m = OpticalMemory(store, model=checkpoint, device="cpu", policy=POLICY)
     m.extend("s", conversation(30))
@@ -78,11 +71,12 @@ def test_corrupt_cache_entry_is_recomputed(mem):
 def test_ask_appends_question_and_answer(mem):
     before = mem.store.turn_count("s")
     answer = mem.ask("s", "Where is the launch party?", max_new_tokens=4)
-    assert isinstance(answer, str)
+    assert answer.backend == "deepseek-ocr" and answer.usage["completion_tokens"] == 4
+    assert answer.finish_reason in ("stop", "length") and str(answer) == answer.text
     turns = mem.turns("s")
     assert len(turns) == before + 2
     assert turns[-2].to_message() == {"role": "user", "content": "Where is the launch party?"}
-    assert turns[-1].role == "assistant" and turns[-1].content == answer
+    assert turns[-1].role == "assistant" and turns[-1].content == answer.text
 
 
 def test_plan_recounts_pages_with_the_decoder_tokenizer(mem):
@@ -116,12 +110,14 @@ _ENCODER = textwrap.dedent(
 )
 
 
-def test_process_killed_while_encoding_loses_nothing(mem, checkpoint, tmp_path):
+def test_process_killed_while_encoding_loses_nothing(mem, checkpoint, tmp_path, conversation):
     store = tmp_path / "killed.sqlite3"
     OpticalMemory(store).extend("s", conversation(30))
     proc = subprocess.Popen(
         [sys.executable, "-c", _ENCODER, str(store), str(checkpoint)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout.readline().strip() == "cached"  # one page encoded and cached
     proc.send_signal(signal.SIGKILL)

@@ -39,14 +39,20 @@ def test_message_is_frozen_and_validated():
 
 def test_load_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "t.jsonl"
-    lines = [json.dumps({"role": "user", "content": "héllo 世界"}), "", json.dumps({"role": "assistant", "content": "ok"})]
+    lines = [
+        json.dumps({"role": "user", "content": "héllo 世界"}),
+        "",
+        json.dumps({"role": "assistant", "content": "ok"}),
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert load_transcript(path) == [Message("user", "héllo 世界"), Message("assistant", "ok")]
 
 
 def test_load_json_array(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text(json.dumps([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]))
+    path.write_text(
+        json.dumps([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    )
     assert [m.role for m in load_transcript(path)] == ["system", "user"]
 
 

@@ -15,16 +15,10 @@ from pathlib import Path
 import pytest
 import redis
 
-pytest.register_assert_rewrite("store_fixtures")
-from store_fixtures import REDIS_URL
-from test_memory import conversation
-
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy
 from optical_memory.stores import StoreUnavailableError
 from optical_memory.stores.redis import RedisStore
-
-pytest_plugins = ["store_fixtures"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +41,7 @@ _APPENDER = textwrap.dedent(
 def _store_arg(kind: str, tmp_path: Path, request) -> tuple[str, str]:
     if kind == "sqlite":
         return str(tmp_path / "memory.sqlite3"), "-"
-    return REDIS_URL, request.getfixturevalue("redis_prefix")
+    return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
 
 
 def _open(kind: str, url: str, prefix: str) -> OpticalMemory:
@@ -87,7 +81,9 @@ _RENDERER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("kill_after", ["ready", "rendered"])  # while paging / while rendering
-def test_process_killed_mid_work_loses_nothing(store_kind, tmp_path, request, kill_after):
+def test_process_killed_mid_work_loses_nothing(
+    store_kind, tmp_path, request, kill_after, conversation
+):
     url, prefix = _store_arg(store_kind, tmp_path, request)
     policy = Policy(recent_turns=4, recent_tokens=400)
     mem = _open(store_kind, url, prefix)
@@ -130,8 +126,17 @@ class _Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
@@ -187,4 +192,3 @@ def test_redis_unreachable_then_back(own_redis):
     own_redis.start()  # restarted without persistence: the same client works again
     mem.append("s", "user", "again", turn_id="t4")
     assert [t.content for t in mem.turns("s")] == ["again"]
-

@@ -100,7 +100,9 @@ def test_png_bytes_are_deterministic_across_renderers():
     pa, pb = a.paginate(messages), b.paginate(messages)
     assert [p.content_hash for p in pa] == [p.content_hash for p in pb]
     assert [a.render_png(p) for p in pa] == [b.render_png(p) for p in pb]
-    other = a.paginate([{**messages[0], "content": messages[0]["content"].replace("memory", "memorx")}])
+    other = a.paginate(
+        [{**messages[0], "content": messages[0]["content"].replace("memory", "memorx")}]
+    )
     assert other[0].content_hash != pa[0].content_hash
     assert a.render_png(other[0]) != a.render_png(pa[0])
 
@@ -133,8 +135,10 @@ def test_control_characters_are_visible(tiny):
 
 def test_hostile_unicode_never_crashes(tiny):
     text = (
-        "e\u0301\u0302\u0303 " * 50 + "👩\u200d👩\u200d👧 🏳️\u200d🌈 "
-        + "שלום עולם مرحبا \u202eevil\u202c \u200b\ufeff\u2028\u2029 " + "\u0300" * 20
+        "e\u0301\u0302\u0303 " * 50
+        + "👩\u200d👩\u200d👧 🏳️\u200d🌈 "
+        + "שלום עולם مرحبا \u202eevil\u202c \u200b\ufeff\u2028\u2029 "
+        + "\u0300" * 20
     )
     messages = [{"role": "tool", "content": text}, {"role": "developer", "content": ""}]
     pages = tiny.paginate(messages)
@@ -168,7 +172,9 @@ def test_five_megabyte_message_paginates(tiny):
 def test_turn_size_limit_is_a_clear_error():
     renderer = Renderer(RenderConfig.for_mode("tiny", max_turn_chars=100))
     with pytest.raises(TurnTooLongError, match="message 1 has 101 characters"):
-        renderer.paginate([{"role": "user", "content": "x"}, {"role": "user", "content": "y" * 101}])
+        renderer.paginate(
+            [{"role": "user", "content": "x"}, {"role": "user", "content": "y" * 101}]
+        )
 
 
 def test_page_records_tokens_and_hash(tiny):
@@ -180,7 +186,13 @@ def test_page_records_tokens_and_hash(tiny):
 
 
 def test_geometry_is_the_encoder_native_size():
-    for mode, side in [("tiny", 512), ("small", 640), ("base", 1024), ("large", 1280), ("gundam", 1280)]:
+    for mode, side in [
+        ("tiny", 512),
+        ("small", 640),
+        ("base", 1024),
+        ("large", 1280),
+        ("gundam", 1280),
+    ]:
         cfg = RenderConfig.for_mode(mode)
         assert (cfg.width, cfg.height) == (side, side)
     tall = RenderConfig.for_mode("gundam", height=1920)
@@ -208,8 +220,14 @@ def test_page_from_another_config_is_refused(tiny):
 
 
 def test_page_lines_give_the_drawn_text(tiny):
-    messages = [{"role": "user", "content": "hello world\nsecond line"}, {"role": "assistant", "content": ""}]
+    messages = [
+        {"role": "user", "content": "hello world\nsecond line"},
+        {"role": "assistant", "content": ""},
+    ]
     page = tiny.paginate(messages)[0]
     assert [text for _, text in tiny.page_lines(messages, page)] == [
-        "USER", "hello world", "second line", "ASSISTANT",
+        "USER",
+        "hello world",
+        "second line",
+        "ASSISTANT",
     ]

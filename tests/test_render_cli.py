@@ -17,7 +17,12 @@ def test_render_writes_pngs_and_manifest(tmp_path):
     for entry in pages:
         png = (out / entry["file"]).read_bytes()
         assert hashlib.sha256(png).hexdigest() == entry["png_sha256"]
-        assert (entry["mode"], entry["width"], entry["height"], entry["vision_tokens"]) == ("tiny", 512, 512, 73)
+        assert (entry["mode"], entry["width"], entry["height"], entry["vision_tokens"]) == (
+            "tiny",
+            512,
+            512,
+            73,
+        )
         assert entry["missing_glyphs"] == 0 and entry["text_tokens"] > 0
     assert {f["role"] for f in manifest["fonts"]} >= {"sans", "mono", "label", "fallback"}
 

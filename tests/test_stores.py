@@ -8,8 +8,6 @@ import pytest
 
 from optical_memory.stores import CacheLimits, NewTurn, TurnConflictError
 
-pytest_plugins = ["store_fixtures"]
-
 
 def turns(*pairs: tuple[str, str], prefix: str = "t") -> list[NewTurn]:
     return [NewTurn(f"{prefix}{i}", role, content) for i, (role, content) in enumerate(pairs)]
@@ -32,7 +30,9 @@ def test_retry_with_same_turn_id_stores_nothing_twice(store):
     assert again == first
     assert store.turn_count("s") == 1
     # a batch repeating an id inside itself, and mixing old and new turns
-    out = store.append("s", [NewTurn("m2", "user", "a"), NewTurn("m2", "user", "a"), *first_as_new(first)])
+    out = store.append(
+        "s", [NewTurn("m2", "user", "a"), NewTurn("m2", "user", "a"), *first_as_new(first)]
+    )
     assert [t.index for t in out] == [1, 1, 0]
     assert store.turn_count("s") == 2
 

@@ -95,7 +95,9 @@ class OpenAIBackend(Backend):
         if isinstance(exc, openai.APITimeoutError):
             reason = f"no answer within {self.timeout:g} s"
         elif isinstance(exc, openai.APIStatusError):
-            reason = f"HTTP {exc.status_code}: {exc.message}"
+            body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+            message = body.get("message") if isinstance(body, dict) else None
+            reason = f"HTTP {exc.status_code}: {message or exc.message}"
         elif isinstance(exc, openai.APIConnectionError):
             reason = f"cannot connect: {exc.__cause__ or exc}"
         else:

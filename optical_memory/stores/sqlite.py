@@ -48,6 +48,9 @@ CREATE INDEX IF NOT EXISTS cache_by_use ON cache (sid, used);
 """
 
 
+# Cache recency (for LRU eviction) kept to this resolution by batch reads.
+RECENCY_STEP_S = 60.0
+
 class SQLiteStore(Store):
     """A store in the SQLite file at `path` (created with its directory if missing)."""
 
@@ -192,10 +195,12 @@ class SQLiteStore(Store):
             return bytes(row[0])
 
     def cache_get_many(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
-        """One transaction (one sync to disk) for all reads and their recency updates."""
+        """One transaction for all reads; recency is refreshed only where it is older than
+        RECENCY_STEP_S, so reading the same pages again writes (and syncs) nothing."""
         t = now()
         ttl = self.limits.ttl_s
         found: dict[str, bytes] = {}
+        recent: set[str] = set()
         unique = list(dict.fromkeys(keys))
         with self._write() as db:
             for start in range(0, len(unique), 500):  # within SQLite's bound on parameters
@@ -209,9 +214,10 @@ class SQLiteStore(Store):
                     (key, bytes(value)) for key, value, used in rows
                     if ttl is None or t - used <= ttl
                 )
-            db.executemany(
+                recent.update(key for key, _, used in rows if t - used < RECENCY_STEP_S)
+            db.executemany(  # recency moves in steps, so repeated reads write nothing
                 "UPDATE cache SET used = ? WHERE sid = ? AND key = ?",
-                [(t, session_id, key) for key in found],
+                [(t, session_id, key) for key in found if key not in recent],
             )
         return found
 

@@ -1,0 +1,298 @@
+"""OpenAIBackend over real HTTP on loopback: the `openai` client against OpenAITestServer.
+
+What the client sent is read back from the server (`server.requests`), so these tests
+check the wire format a vision model would receive: pages as PNG data URLs at the
+profile's tier geometry, labelled and oldest first, then the recent turns, then the query.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import socket
+import time
+
+import openai
+import pytest
+from PIL import Image
+
+from optical_memory import OpticalMemory
+from optical_memory.backends import BackendError, OpenAIBackend, open_backend
+from optical_memory.conversation import build_conversation
+from optical_memory.prompt import PAGES_INTRO
+from optical_memory.testing import OpenAITestServer
+
+SESSION = "s"
+QUERY = "When do we launch?"
+MODEL = "test-model"
+PROFILES = ("deepseek-ocr", "qwen2.5-vl", "gpt-4o")
+LABEL = re.compile(r"turns? (\d+)(?:-(\d+))?, (just now|\d+ (minute|hour|day)s? ago)")
+PNG_URL = "data:image/png;base64,"
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A SQLite memory file holding 300 turns in session "s", its page PNGs already cached for
+    every profile used here (tests copy it: rendering them once keeps the module fast)."""
+    path = tmp_path_factory.mktemp("history") / "memory.sqlite3"
+    for profile in PROFILES:
+        with OpticalMemory(path, profile=profile) as mem:
+            if profile == PROFILES[0]:
+                mem.extend(SESSION, build_conversation(300))
+            mem.messages(SESSION, QUERY)
+            if profile == "gpt-4o":
+                mem.messages(SESSION, QUERY, budget=4000)
+    return path
+
+
+@pytest.fixture
+def memory_file(history, tmp_path):
+    """A private copy of `history`."""
+    return shutil.copy(history, tmp_path / "memory.sqlite3")
+
+
+def backend(url: str, profile: str = "qwen2.5-vl", **options) -> OpenAIBackend:
+    return OpenAIBackend(url, MODEL, profile=profile, **{"timeout": 5, "max_retries": 0, **options})
+
+
+def decode_png(url: str) -> Image.Image:
+    assert url.startswith(PNG_URL)
+    image = Image.open(io.BytesIO(base64.b64decode(url[len(PNG_URL) :], validate=True)))
+    assert image.format == "PNG"
+    return image
+
+
+def check_messages(messages, mem: OpticalMemory, plan, query: str) -> None:
+    """`messages` is the plan's context as OpenAI chat messages, as the module docstring says."""
+    tiers = mem.tiers
+    pages = plan.in_context()
+    assert len(pages) >= 5, "the history should put several pages in context"
+    k = next(i for i, m in enumerate(messages) if isinstance(m["content"], list))
+    for pinned in messages[:k]:  # pinned turns come first, as text
+        assert pinned["role"] in ("system", "developer") and isinstance(pinned["content"], str)
+    assert messages[k]["role"] == "user"
+    parts = messages[k]["content"]
+    assert parts[0] == {"type": "text", "text": PAGES_INTRO}
+    assert len(parts) == 1 + 2 * len(pages)
+    previous_last = -1
+    for page, label, image in zip(pages, parts[1::2], parts[2::2]):
+        assert label["type"] == "text"
+        match = LABEL.fullmatch(label["text"])
+        assert match, label["text"]
+        first, last = int(match[1]), int(match[2] or match[1])
+        assert (first, last) == (page.first_turn + 1, page.last_turn + 1)
+        assert last > previous_last  # oldest first
+        previous_last = last
+        assert image["type"] == "image_url"
+        tier = tiers[page.mode]
+        assert decode_png(image["image_url"]["url"]).size == (tier.width, tier.height)
+        if tier.detail is None:
+            assert "detail" not in image["image_url"]
+        else:
+            assert image["image_url"]["detail"] == tier.detail
+    # then the recent turns as text, from where the last page ends, then the query
+    turn, offset = plan.text_start
+    stored = mem.turns(plan.session_id)[turn : plan.turns]  # as they were when planned
+    assert stored, "some turns should stay text"
+    expected = [
+        {"role": t.role, "content": t.content[offset:] if i == 0 else t.content}
+        for i, t in enumerate(stored)
+    ]
+    assert messages[k + 1 : -1] == expected
+    assert messages[-1] == {"role": "user", "content": query}
+
+
+def check_stored(mem: OpticalMemory, before: int, question: str, answer: str) -> None:
+    turns = mem.turns(SESSION)
+    assert len(turns) == before + 2
+    assert (turns[-2].role, turns[-2].content) == ("user", question)
+    assert (turns[-1].role, turns[-1].content) == ("assistant", answer)
+
+
+# --------------------------------------------------------------------------- answers
+@pytest.mark.parametrize(
+    ("profile", "window"),
+    [("qwen2.5-vl", None), ("gpt-4o", 4000)],  # gpt-4o's small window: low and high detail
+)
+def test_ask_sends_the_pages_at_the_tier_geometry(openai_server, memory_file, profile, window):
+    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url, profile, window=window))
+    before = len(mem.turns(SESSION))
+    plan = mem.plan(SESSION, QUERY)
+    if profile == "gpt-4o":
+        details = {mem.tiers[p.mode].detail for p in plan.in_context()}
+        assert details == {"low", "high"}, "the plan should exercise both details"
+
+    answer = mem.ask(SESSION, QUERY, max_new_tokens=256)
+
+    [body] = openai_server.requests
+    assert body["model"] == MODEL
+    assert body["max_tokens"] == 256
+    assert not body.get("stream")
+    check_messages(body["messages"], mem, plan, QUERY)
+    assert answer.text == openai_server.reply
+    assert (answer.backend, answer.model, answer.finish_reason) == ("openai", MODEL, "stop")
+    assert answer.usage == openai_server.usage
+    check_stored(mem, before, QUERY, openai_server.reply)
+    mem.close()
+
+
+@pytest.mark.parametrize("profile", ["qwen2.5-vl", "gpt-4o"])
+def test_stream_sends_the_same_context_and_stores_when_complete(
+    openai_server, memory_file, profile
+):
+    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url, profile))
+    before = len(mem.turns(SESSION))
+    query = "Where is the party?"
+    plan = mem.plan(SESSION, query)
+
+    stream = mem.stream(SESSION, query)
+    pieces = [next(stream)]
+    assert len(mem.turns(SESSION)) == before, "nothing is stored before the answer is complete"
+    pieces += list(stream)
+
+    assert len(pieces) > 1
+    assert "".join(pieces) == openai_server.reply
+    [body] = openai_server.requests
+    assert body["model"] == MODEL
+    assert body["max_tokens"] == mem.policy.answer_tokens
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    check_messages(body["messages"], mem, plan, query)
+    check_stored(mem, before, query, openai_server.reply)
+    mem.close()
+
+
+def test_backend_stream_reports_usage_and_finish_reason(openai_server, memory_file):
+    model = backend(openai_server.base_url)
+    mem = OpticalMemory(memory_file, model=model)
+    result = model.stream(mem.prompt(SESSION, QUERY), max_tokens=64)
+    assert result.answer is None
+    assert "".join(result) == openai_server.reply
+    assert result.answer.text == openai_server.reply
+    assert result.answer.usage == openai_server.usage
+    assert result.answer.finish_reason == "stop"
+    assert openai_server.requests[0]["max_tokens"] == 64
+    mem.close()
+
+
+@pytest.mark.parametrize("profile", [None, "gpt-4o"])
+def test_messages_need_no_backend_and_are_json(memory_file, profile):
+    with OpticalMemory(memory_file, profile=profile) as mem:
+        assert mem.backend is None
+        plan = mem.plan(SESSION, QUERY)
+        messages = mem.messages(SESSION, QUERY)
+        assert json.loads(json.dumps(messages)) == messages
+        check_messages(messages, mem, plan, QUERY)
+        assert mem.profile.name == (profile or "deepseek-ocr")
+
+
+def test_open_backend_spec_gives_a_working_backend(openai_server, memory_file):
+    spec = f"openai:{openai_server.base_url}?model={MODEL}&profile=qwen2.5-vl&timeout=5"
+    model = open_backend(spec, max_retries=0)
+    assert isinstance(model, OpenAIBackend)
+    assert (model.base_url, model.model, model.profile.name) == (
+        openai_server.base_url,
+        MODEL,
+        "qwen2.5-vl",
+    )
+    with OpticalMemory(memory_file, model=model) as mem:
+        assert mem.ask(SESSION, QUERY).text == openai_server.reply
+    assert openai_server.requests[0]["model"] == MODEL
+
+
+# --------------------------------------------------------------------------- bad input
+def test_unknown_profile_names_the_valid_ones_and_the_backend():
+    with pytest.raises(ValueError, match="unknown profile 'nope'") as info:
+        OpenAIBackend("http://127.0.0.1:9/v1", MODEL, profile="nope")
+    message = str(info.value)
+    assert "http://127.0.0.1:9/v1" in message and MODEL in message
+    for name in ("deepseek-ocr", "qwen2.5-vl", "gpt-4o"):
+        assert name in message
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "localhost:8000", "http:///v1", ""])
+def test_base_url_must_be_http(url):
+    with pytest.raises(ValueError, match="base URL must be http"):
+        OpenAIBackend(url, MODEL)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FAILURES = {
+    "status 500": ({"status": 500}, r"HTTP 500"),
+    "timeout": ({"delay": 3.0}, r"no answer within 1 s"),
+    "not listening": (None, r"cannot connect"),
+}
+
+
+@pytest.mark.parametrize("call", ["ask", "stream"])
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_upstream_failure_is_a_backend_error_and_stores_nothing(memory_file, failure, call):
+    options, reason = FAILURES[failure]
+    with OpenAITestServer(**(options or {})) as server:
+        url = server.base_url if options else f"http://127.0.0.1:{closed_port()}/v1"
+        mem = OpticalMemory(memory_file, model=backend(url, timeout=1.0))
+        before = len(mem.turns(SESSION))
+        start = time.monotonic()
+        with pytest.raises(BackendError, match=reason) as info:
+            if call == "ask":
+                mem.ask(SESSION, QUERY)
+            else:
+                for _ in mem.stream(SESSION, QUERY):
+                    pass
+        elapsed = time.monotonic() - start
+        # the message names the backend: its base URL and model
+        assert f"openai backend ({url}, model {MODEL})" in str(info.value)
+        assert len(mem.turns(SESSION)) == before
+        assert len(server.requests) == (1 if options else 0)
+        if failure == "timeout":
+            assert elapsed < 2.5, "the client should give up after its 1 s timeout"
+        mem.close()
+
+
+# --------------------------------------------------------------------------- the test server
+def test_test_server_rejects_what_a_strict_server_rejects(openai_server):
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key="x", max_retries=0)
+    ok = {"role": "user", "content": "hi"}
+    bad = [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [ok, {"role": "user", "content": None}]}, "messages[1].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            "messages[0].content[0].text",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url.url",
+        ),
+        ({"messages": [ok], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [ok], "stream": "yes"}, "stream"),
+    ]
+    for request, param in bad:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, **request)
+        assert info.value.body["param"] == param
+        assert set(info.value.body) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other-model", messages=[ok])
+    assert len(openai_server.requests) == len(bad) + 1
+    assert [m.id for m in client.models.list()] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, messages=[ok])
+    assert reply.choices[0].message.content == openai_server.reply
