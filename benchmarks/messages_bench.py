@@ -76,7 +76,7 @@ def run_profile(profile: str, turns: int, repeats: int, directory: Path) -> dict
     result = {
         "profile": profile,
         "pages_in_context": len(plan.in_context()),
-        "tiers": {row["tier"]: row["pages"] for row in plan.to_json()["tiers"]},
+        "tiers": {row["tier"]: row["pages"] for row in plan.to_dict()["tiers"]},
         "image_bytes_base64": sum(len(p["image_url"]["url"]) for p in pages),
         "messages_json_bytes": len(json.dumps(messages)),
         "first_call_s": round(first, 2),

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from optical_memory.backends import Answer, Backend
@@ -23,6 +24,7 @@ from optical_memory.stores import Store
 
 DEFAULT_QUESTION = "What is the launch date, and where is the launch party?"
 MAX_THUMBNAILS = 160
+THUMBNAIL_PX = 320  # wide enough for the grid's largest cells (about 230 px)
 
 
 @dataclass
@@ -50,7 +52,7 @@ def run_demo(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if transcript is not None:
-        messages = [m.to_dict() for m in load_transcript(transcript)]
+        messages = [m if isinstance(m, dict) else m.to_dict() for m in load_transcript(transcript)]
     else:
         messages = build_conversation(turns)
     mem = OpticalMemory(store if store is not None else out / "memory.sqlite3", model=model)
@@ -62,7 +64,8 @@ def run_demo(
         chunk = 250
         for start in tqdm(range(0, len(messages), chunk), desc="storing turns", unit="batch",
                           disable=not progress):
-            mem.extend(session_id, messages[start : start + chunk], turn_ids=ids[start : start + chunk])
+            batch = slice(start, start + chunk)
+            mem.extend(session_id, messages[batch], turn_ids=ids[batch])
         seconds["store"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -82,7 +85,7 @@ def run_demo(
             plan = mem.plan(session_id, query=query)
             seconds["encode_and_answer"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
-        (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+        (out / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         return DemoResult(session_id, plan, pictures, answer, seconds)
     finally:
         mem.close()
@@ -91,16 +94,26 @@ def run_demo(
 def _pictures(mem: OpticalMemory, plan: Plan, out: Path, progress: bool) -> list[Path]:
     from optical_memory.pictures import memory_picture, tokens_by_age
 
-    pages = plan.pages
-    if not pages:
+    if not plan.pages:
         return [tokens_by_age(plan, out / "tokens_by_age.png")]
-    step = max(1, -(-len(pages) // MAX_THUMBNAILS))
-    thumbnails = {}
-    for page in tqdm(pages[::step], desc="rendering pages", unit="page", disable=not progress):
-        image = mem.page_image(plan.session_id, page)
-        thumbnails[page.index] = image.resize((160, round(160 * image.height / image.width)))
-    sample = mem.page_image(plan.session_id, next((p for p in pages[::-1] if p.sealed), pages[-1]))
+    thumbnails, sample = page_thumbnails(mem, plan, progress)
     return [
         memory_picture(plan, thumbnails, sample, out / "memory.png"),
         tokens_by_age(plan, out / "tokens_by_age.png"),
     ]
+
+
+def page_thumbnails(
+    mem: OpticalMemory, plan: Plan, progress: bool = False
+) -> tuple[dict[int, Image.Image], Image.Image]:
+    """Thumbnails (THUMBNAIL_PX wide) of up to MAX_THUMBNAILS of the plan's pages, evenly spread,
+    by page index; and the newest sealed page at full size (the sample the tiers are shown on)."""
+    pages = plan.pages
+    step = max(1, -(-len(pages) // MAX_THUMBNAILS))
+    thumbnails = {}
+    for page in tqdm(pages[::step], desc="rendering pages", unit="page", disable=not progress):
+        image = mem.page_image(plan.session_id, page)
+        size = (THUMBNAIL_PX, round(THUMBNAIL_PX * image.height / image.width))
+        thumbnails[page.index] = image.resize(size, Image.Resampling.LANCZOS)
+    sample = mem.page_image(plan.session_id, next((p for p in pages[::-1] if p.sealed), pages[-1]))
+    return thumbnails, sample

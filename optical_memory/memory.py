@@ -15,7 +15,7 @@ import os
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +25,20 @@ from tqdm import tqdm
 from optical_memory.backends import Answer, Backend, Profile, Tier, get_profile, open_backend
 from optical_memory.backends.profiles import deepseek_ocr_profile
 from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key, encode_png
-from optical_memory.messages import Message, MessageError, parse_message
+from optical_memory.messages import (
+    MAX_IMAGE_BYTES,
+    Message,
+    MessageError,
+    parse_message,
+    surrogate_error,
+)
 from optical_memory.modes import FADING_ORDER
 from optical_memory.pages import Pager, PageRecord
 from optical_memory.plan import PagePlan, Plan
 from optical_memory.policy import Policy, solve
 from optical_memory.prompt import Prompt, PromptPage, format_query, format_turns, page_label
 from optical_memory.stores import CacheLimits, NewTurn, Store, Turn, open_store
+from optical_memory.stores.base import TurnConflictError, same_turn
 from optical_memory.tokens import TokenCounter, default_counter
 from optical_memory.transfer import read_jsonl, write_jsonl
 from renderers import RenderConfig, Renderer
@@ -42,6 +49,11 @@ if TYPE_CHECKING:
     from optical_memory.backends.deepseek_ocr.backend import Context, DeepSeekOCRBackend
 
 MAX_ID_CHARS = 256
+PINNED_ROLES = ("system", "developer")  # always text, first in every context
+
+
+class PinnedOverflowError(ValueError):
+    """The pinned turns alone do not fit the window."""
 
 
 class UnknownSessionError(LookupError):
@@ -109,7 +121,9 @@ class OpticalMemory:
     DeepSeek-OCR) says how pages are counted and sent by `messages`. `device`
     and `dtype` go to the local DeepSeek-OCR backend. `render`: the page geometry
     (default: `RenderConfig.memory_page()`, the 1280x1280 Gundam canvas).
-    `max_content_chars` bounds one turn.
+    `max_content_chars` bounds one turn's render text (its text, tool calls and
+    placeholders); `max_image_bytes` bounds each data-URL image of a message (decoded;
+    Pillow's pixel limit `PIL.Image.MAX_IMAGE_PIXELS` guards against decompression bombs).
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class OpticalMemory:
         policy: Policy | None = None,
         cache: CacheLimits | None = None,
         max_content_chars: int = 200_000,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
     ):
         self.policy = policy or Policy()
         self.backend = _open_model(model, device, dtype)
@@ -131,9 +146,12 @@ class OpticalMemory:
             raise ValueError("pass profile= only without model=: a backend counts with its own")
         self._profile = get_profile(profile) if profile is not None else None
         self.max_content_chars = max_content_chars
+        self.max_image_bytes = max_image_bytes
         self._render_config = render or RenderConfig.memory_page()
         self._pager: Pager | None = None
         self._recounted: dict[tuple[str, str], int] = {}  # (page hash, counter) -> text tokens
+        # per session: (turns scanned, id of the last one, indexes of system/developer turns)
+        self._role_pins: dict[str, tuple[int, str, list[int]]] = {}
         self.store = open_store(store, cache=cache)
         self.cache = VisionCache(self.store)
 
@@ -196,19 +214,39 @@ class OpticalMemory:
 
     # --- the turn log ---------------------------------------------------------------
     def _new_turn(self, message: Any, turn_id: object, where: str) -> NewTurn:
+        """The turn to store for a message: checked whole (shape, valid Unicode, the size of
+        its render text and of its images); `turn_id` None: the message's own "turn_id", else
+        a new one."""
         msg = parse_message(message, where)
-        if len(msg.content) > self.max_content_chars:
+        text = msg.text
+        if len(text) > self.max_content_chars:
             raise MessageError(
-                f"{where}: content has {len(msg.content):,} characters, over the limit of "
+                f"{where}: content has {len(text):,} characters, over the limit of "
                 f"{self.max_content_chars:,} (max_content_chars)"
             )
+        msg.check_images(where, self.max_image_bytes)
+        if turn_id is None:
+            turn_id = msg.turn_id
+        problem = surrogate_error(turn_id) if isinstance(turn_id, str) else None
+        if problem:
+            raise MessageError(f"{where}: turn id {turn_id!r} {problem}")
         tid = uuid.uuid4().hex if turn_id is None else check_id(turn_id, f"{where}: turn id")
-        return NewTurn(tid, msg.role, msg.content)
+        return NewTurn(tid, msg.role, text, msg.json)
 
-    def append(self, session_id: str, role: str, content: str, turn_id: str | None = None) -> Turn:
-        """Store one turn durably before returning; a retry with the same turn id stores nothing twice."""
+    def append(
+        self,
+        session_id: str,
+        role: str,
+        content: Any,
+        turn_id: str | None = None,
+        **fields: Any,
+    ) -> Turn:
+        """Store one turn durably before returning; a retry with the same turn id stores nothing
+        twice. `content` and `fields` as in the OpenAI message format, e.g.
+        `append(sid, "assistant", None, tool_calls=[...])`, `append(sid, "tool", "42",
+        tool_call_id="call_1")`."""
         check_id(session_id, "session id")
-        new = self._new_turn({"role": role, "content": content}, turn_id, "turn")
+        new = self._new_turn({"role": role, "content": content, **fields}, turn_id, "turn")
         return self.store.append(session_id, [new])[0]
 
     def extend(
@@ -219,18 +257,27 @@ class OpticalMemory:
     ) -> list[Turn]:
         """Append a history in one atomic batch; every message is checked before anything is stored.
 
-        A message may carry its own "turn_id"; `turn_ids` gives them all at once.
+        Messages are OpenAI-format dicts (or `Message`s) of any shape; each is stored as
+        given and comes back byte for byte (`turns()`, `export_jsonl`). A message may carry
+        its own "turn_id", an instruction rather than part of the message: the id that makes
+        a retry idempotent (the same id with the same message stores nothing twice, with a
+        different one is a `TurnConflictError`); `turn_ids` gives them all at once.
         """
         check_id(session_id, "session id")
         messages = list(messages)
         if turn_ids is not None and len(turn_ids) != len(messages):
             raise ValueError(f"{len(turn_ids)} turn ids for {len(messages)} messages")
-        new = []
+        new: list[NewTurn] = []
+        first: dict[str, int] = {}
         for i, m in enumerate(messages):
-            tid = turn_ids[i] if turn_ids is not None else (
-                m.get("turn_id") if isinstance(m, Mapping) else None
-            )
+            tid = turn_ids[i] if turn_ids is not None else None
             new.append(self._new_turn(m, tid, f"message {i}"))
+            j = first.setdefault(new[i].turn_id, i)
+            if j != i and not _same_new(new[j], new[i]):
+                raise TurnConflictError(
+                    f"message {i}: turn id {new[i].turn_id!r} is also the id of message {j} "
+                    "of this batch, with different content; nothing was stored"
+                )
         return self.store.append(session_id, new) if new else []
 
     def _require(self, session_id: str) -> int:
@@ -247,28 +294,72 @@ class OpticalMemory:
     def sessions(self) -> list[str]:
         return self.store.sessions()
 
+    def pin(self, session_id: str, turn_id: str) -> None:
+        """Keep a turn as text at the start of every context, like system and developer turns.
+
+        A turn already on a sealed page stays there too (pages never change)."""
+        self.store.set_pinned(session_id, self._index_of(session_id, turn_id), True)
+
+    def unpin(self, session_id: str, turn_id: str) -> None:
+        """Undo `pin`; system and developer turns stay pinned by their role."""
+        self.store.set_pinned(session_id, self._index_of(session_id, turn_id), False)
+
+    def _index_of(self, session_id: str, turn_id: str) -> int:
+        self._require(session_id)
+        index = self.store.index_of(session_id, check_id(turn_id, "turn id"))
+        if index is None:
+            raise LookupError(f"session {session_id!r} has no turn with id {turn_id!r}")
+        return index
+
+    def pinned(self, session_id: str) -> list[int]:
+        """Indexes of the turns kept as text first: system and developer turns, and pins."""
+        return self._pinned(session_id, self._require(session_id))
+
+    def _pinned(self, session_id: str, count: int) -> list[int]:
+        scanned, last_id, by_role = self._role_pins.get(session_id, (0, "", []))
+        fresh = self.store.turns(session_id, max(0, scanned - 1), count) if scanned <= count else []
+        if scanned and (not fresh or fresh[0].turn_id != last_id):  # re-created elsewhere
+            scanned, by_role = 0, []
+            fresh = self.store.turns(session_id, 0, count)
+        new = fresh[1:] if scanned else fresh
+        by_role = by_role + [t.index for t in new if t.role in PINNED_ROLES]
+        if fresh:
+            self._role_pins[session_id] = (count, fresh[-1].turn_id, by_role)
+        explicit = [i for i in self.store.pinned(session_id) if i < count]
+        return sorted({*by_role, *explicit})
+
     def delete(self, session_id: str) -> bool:
         """Remove a session, its pages and its cache entries; False if it did not exist."""
         check_id(session_id, "session id")
         if self._pager is not None:
             self._pager.forget(session_id)
+        self._role_pins.pop(session_id, None)
         return self.store.delete(session_id)
 
     def export_jsonl(self, session_id: str, path: str | os.PathLike) -> int:
-        """Write the session as JSONL (role, content, turn_id); returns the number of turns."""
+        """Write the session as JSONL, one message a line exactly as it was given, its
+        "turn_id" added as the last field; returns the number of turns. Importing the file
+        and exporting again gives the same bytes."""
         return write_jsonl(self.turns(session_id), path)
 
     def import_jsonl(self, session_id: str, path: str | os.PathLike) -> list[Turn]:
-        """Append the turns of a JSONL file (as written by export_jsonl) in one batch.
+        """Append the messages of a JSONL file (as written by export_jsonl, or any JSONL of
+        OpenAI-format messages) in one batch; a UTF-8 byte order mark is skipped, invalid
+        UTF-8 is an error naming the line.
 
         Lines with a "turn_id" are idempotent: importing the same file twice stores them once.
         """
         return self.extend(session_id, read_jsonl(path))
 
     # --- pages and plans ------------------------------------------------------------
-    def _window_start(self, session_id: str, count: int) -> tuple[int, list[Turn]]:
+    def _window_start(
+        self, session_id: str, count: int, pinned: Collection[int] = ()
+    ) -> tuple[int, list[Turn]]:
         recent = self.store.turns(session_id, max(0, count - self.policy.recent_turns), count)
-        tokens = [self.counter.count(f"{t.role}: {t.content}") for t in recent]
+        tokens = [
+            0 if t.index in pinned else self.counter.count(f"{t.role}: {t.content}")
+            for t in recent
+        ]
         return count - len(recent) + self.policy.window_start(tokens, self.window), recent
 
     def pages(self, session_id: str, progress: bool = False) -> list[PageRecord]:
@@ -278,13 +369,14 @@ class OpticalMemory:
         pages are the same: a full page does not depend on the turns after it).
         """
         count = self._require(session_id)
-        start, _ = self._window_start(session_id, count)
+        pinned = self._pinned(session_id, count)
+        start, _ = self._window_start(session_id, count, pinned)
         done = min(start, self.store.info(session_id).cursor) if progress else start
         with tqdm(total=start - done, desc="paging", unit="turn", disable=start - done < 100) as bar:
             for stop in range(done + 50, start, 50):
-                self.pager.sync(session_id, stop)
+                self.pager.sync(session_id, stop, pinned)
                 bar.update(50)
-            sealed, open_page = self.pager.sync(session_id, start)
+            sealed, open_page = self.pager.sync(session_id, start, pinned)
             bar.update(bar.total - bar.n)
         return sealed + ([open_page] if open_page else [])
 
@@ -295,14 +387,23 @@ class OpticalMemory:
         DeepSeek-OCR's. `budget` overrides the window.
         """
         count = self._require(session_id)
-        start, recent = self._window_start(session_id, count)
-        sealed, open_page = self.pager.sync(session_id, start)
+        pinned = self._pinned(session_id, count)
+        start, recent = self._window_start(session_id, count, pinned)
+        sealed, open_page = self.pager.sync(session_id, start, pinned)
         records = sealed + ([open_page] if open_page else [])
         text_start = max(records[-1].end if records else (0, 0), (start, 0))
-        text_turns = recent[text_start[0] - (count - len(recent)) :]
+        text_turns = _unpinned(recent[text_start[0] - (count - len(recent)) :], pinned, text_start)
         text_tokens = self.counter.count(format_turns(text_turns, text_start[1])) if text_turns else 0
+        pinned_turns = self._turns_at(session_id, pinned)
+        pinned_tokens = self.counter.count(format_turns(pinned_turns)) if pinned_turns else 0
         query_tokens = self.counter.count(format_query(query)) if query else 0
         window = budget if budget is not None else self.window
+        if pinned_tokens > window:
+            raise PinnedOverflowError(
+                f"session {session_id!r}: the {len(pinned)} pinned turns alone take "
+                f"{pinned_tokens} positions, over the {window}-position window: unpin turns "
+                "or raise the budget"
+            )
         tiers = self.tiers
         costs = {name: tier.cost for name, tier in tiers.items()}
         labels = self.profile.label_tokens
@@ -312,7 +413,10 @@ class OpticalMemory:
         else:
             now = time.time()
             ages = [max(0.0, now - r.newest_time) for r in records]
-        fixed = text_tokens + query_tokens + self.policy.answer_tokens + self.policy.overhead
+        fixed = (
+            pinned_tokens + text_tokens + query_tokens + self.policy.answer_tokens
+            + self.policy.overhead
+        )
         policy = replace(self.policy, window=window)
         page_tokens = self._page_tokens(session_id, records)
         solution = solve(
@@ -340,7 +444,21 @@ class OpticalMemory:
             fits=solution.fits,
             page_costs=costs,
             label_tokens=labels,
+            pinned=tuple(pinned),
+            pinned_tokens=pinned_tokens,
         )
+
+    def _turns_at(self, session_id: str, indexes: Sequence[int]) -> list[Turn]:
+        """The turns at these indexes (ascending), one read per run of consecutive indexes."""
+        out: list[Turn] = []
+        i = 0
+        while i < len(indexes):
+            j = i
+            while j + 1 < len(indexes) and indexes[j + 1] == indexes[j] + 1:
+                j += 1
+            out += self.store.turns(session_id, indexes[i], indexes[j] + 1)
+            i = j + 1
+        return out
 
     def _page_tokens(self, session_id: str, records: Sequence[PageRecord]) -> list[int]:
         """Text tokens of each page by this memory's counter (recounted once per process if the
@@ -380,10 +498,11 @@ class OpticalMemory:
         ]
         turns = self.store.turns(session_id, plan.text_start[0], plan.turns)
         recent = [
-            (t.role, t.content[plan.text_start[1]:] if i == 0 else t.content)
-            for i, t in enumerate(turns)
+            (t.role, t.content[plan.text_start[1]:] if t.index == plan.text_start[0] else t.content)
+            for t in _unpinned(turns, plan.pinned, plan.text_start)
         ]
-        return Prompt(session_id, plan, pages, recent, query, self)
+        pinned = [(t.role, t.content) for t in self._turns_at(session_id, plan.pinned)]
+        return Prompt(session_id, plan, pages, recent, query, self, pinned)
 
     def messages(
         self, session_id: str, query: str | None = None, budget: int | None = None
@@ -520,6 +639,11 @@ class OpticalMemory:
         self.store.close()
 
 
+def _same_new(a: NewTurn, b: NewTurn) -> bool:
+    """Whether two turns of one batch are the same turn (key order aside)."""
+    return same_turn(Turn(0, a.turn_id, a.role, a.content, 0.0, a.message_json), b)
+
+
 def _open_model(
     model: str | os.PathLike | Backend | Any | None, device: str | None, dtype: str | None
 ) -> Backend | None:
@@ -532,3 +656,13 @@ def _open_model(
     from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
 
     return DeepSeekOCRBackend(model)
+
+
+def _unpinned(
+    turns: Sequence[Turn], pinned: Collection[int], text_start: tuple[int, int]
+) -> list[Turn]:
+    """The recent turns without the pinned ones (but a turn a page has begun stays whole)."""
+    return [
+        t for t in turns
+        if t.index not in pinned or (t.index == text_start[0] and text_start[1] > 0)
+    ]

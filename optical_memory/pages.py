@@ -13,7 +13,7 @@ agree: both compute the same pages, one stores them, the other reads them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ class PageRecord:
     counter: str
     newest_time: float
     sealed: bool = True
+    skipped: tuple[int, ...] = ()  # pinned turns inside first..last that the page leaves out
 
     @property
     def turns(self) -> int:
@@ -61,16 +62,20 @@ class PageRecord:
     def from_json(cls, data: dict[str, Any]) -> PageRecord:
         data = dict(data)
         data["start"], data["end"] = tuple(data["start"]), tuple(data["end"])
+        data["skipped"] = tuple(data.get("skipped", ()))
         return cls(**data)
 
 
 def _record(
-    page: Page, index: int, offset: int, laid_out: Sequence[Turn], counter: str
+    page: Page, index: int, laid_out: Sequence[Turn], next_turn: int, counter: str
 ) -> PageRecord:
-    """A record for `page`, laid out from `laid_out`, the turns from index `offset` on."""
-    first, last = offset + page.first_turn, offset + page.last_turn
+    """A record for `page`, laid out from `laid_out` (the turns given to the renderer, pinned
+    ones left out); `next_turn` is the turn after them."""
+    first, last = laid_out[page.first_turn].index, laid_out[page.last_turn].index
     start = (first, page.spans[0].start)
-    end = (offset + page.next_start[0], page.next_start[1])
+    n, char = page.next_start
+    end = (laid_out[n].index, char) if n < len(laid_out) else (next_turn, 0)
+    held = {t.index for t in laid_out[page.first_turn : page.last_turn + 1]}
     return PageRecord(
         index=index,
         start=start,
@@ -85,6 +90,7 @@ def _record(
         counter=counter,
         newest_time=laid_out[page.last_turn].created,
         sealed=page.full,
+        skipped=tuple(i for i in range(first, last + 1) if i not in held),
     )
 
 
@@ -94,8 +100,10 @@ class Pager:
     def __init__(self, store: Store, renderer: Renderer):
         self.store = store
         self.renderer = renderer
-        # Per session: (pages end, window start, open page). Pure layout, recomputable.
-        self._open: dict[str, tuple[tuple[int, int], int, PageRecord | None]] = {}
+        # Per session: (pages end, window start, pinned, open page). Pure layout, recomputable.
+        self._open: dict[
+            str, tuple[tuple[int, int], int, frozenset[int], PageRecord | None]
+        ] = {}
 
     def sealed(self, session_id: str) -> list[PageRecord]:
         records = [PageRecord.from_json(r) for r in self.store.pages(session_id)]
@@ -108,32 +116,41 @@ class Pager:
         return records
 
     def sync(
-        self, session_id: str, window_start: int
+        self, session_id: str, window_start: int, pinned: Collection[int] = ()
     ) -> tuple[list[PageRecord], PageRecord | None]:
-        """Seal every full page older than `window_start`; return the sealed pages and the open one."""
+        """Seal every full page older than `window_start`; return the sealed pages and the open one.
+
+        `pinned` turns stay out of new pages (sealed pages never change; a turn a page has
+        begun is finished on the next one).
+        """
+        pins = frozenset(pinned)
         while True:
             records = self.sealed(session_id)
             end = records[-1].end if records else (0, 0)
             if end[0] >= window_start:
                 return records, None
             memo = self._open.get(session_id)
-            if memo is not None and memo[:2] == (end, window_start):
-                return records, memo[2]
-            older = self.store.turns(session_id, end[0], window_start)
+            if memo is not None and memo[:2] == (end, window_start, pins):
+                return records, memo[3]
+            older = [
+                t for t in self.store.turns(session_id, end[0], window_start)
+                if t.index not in pins or (t.index == end[0] and end[1] > 0)
+            ]
             laid = self.renderer.paginate([t.to_message() for t in older], start=(0, end[1]))
             name = self.renderer.counter.name
             fresh = [
-                _record(page, len(records) + i, end[0], older, name) for i, page in enumerate(laid)
+                _record(page, len(records) + i, older, window_start, name)
+                for i, page in enumerate(laid)
             ]
             full = [r for r in fresh if r.sealed]
             open_page = next((r for r in fresh if not r.sealed), None)
             if not full:
-                self._open[session_id] = (end, window_start, open_page)
+                self._open[session_id] = (end, window_start, pins, open_page)
                 return records, open_page
             if self.store.add_pages(
                 session_id, len(records), [r.to_json() for r in full], cursor=window_start
             ):
-                self._open[session_id] = (full[-1].end, window_start, open_page)
+                self._open[session_id] = (full[-1].end, window_start, pins, open_page)
                 return records + full, open_page
             # another writer sealed pages first: read theirs and continue from there
 
@@ -141,6 +158,8 @@ class Pager:
         """The contents the page holds (as the renderer counts them), given turns from its first on."""
         texts = []
         for turn in turns[: record.turns]:
+            if turn.index in record.skipped:
+                continue
             begin = record.start[1] if turn.index == record.first_turn else 0
             stop = record.end[1] if turn.index == record.end[0] else len(turn.content)
             texts.append(turn.content[begin:stop])
@@ -152,7 +171,10 @@ class Pager:
 
     def image(self, session_id: str, record: PageRecord) -> Image.Image:
         """Render a page again from its turns; the layout must match the record."""
-        turns = self.store.turns(session_id, record.first_turn, record.last_turn + 1)
+        turns = [
+            t for t in self.store.turns(session_id, record.first_turn, record.last_turn + 1)
+            if t.index not in record.skipped
+        ]
         laid = self.renderer.paginate([t.to_message() for t in turns], start=(0, record.start[1]))
         if not laid or laid[0].content_hash != record.content_hash:
             raise PageDriftError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ class Plan:
     fits: bool
     page_costs: dict[str, int] = field(repr=False)  # tier -> positions of one page's image
     label_tokens: int = 0  # positions reserved for each page's text label in context
+    pinned: tuple[int, ...] = ()  # turns kept as text first (system, developer, pinned)
+    pinned_tokens: int = 0
 
     @property
     def labels(self) -> int:
@@ -56,25 +59,35 @@ class Plan:
     def total(self) -> int:
         """Decoder positions the context takes, the answer reserve included."""
         return (
-            self.vision_tokens + self.labels + self.text_tokens + self.query_tokens
-            + self.answer_tokens + self.overhead
+            self.pinned_tokens + self.vision_tokens + self.labels + self.text_tokens
+            + self.query_tokens + self.answer_tokens + self.overhead
         )
 
     @property
     def history_tokens(self) -> int:
-        """The whole history as plain text (the recent text plus every page's text)."""
-        return self.text_tokens + sum(p.text_tokens for p in self.pages)
+        """The whole history as plain text (pinned and recent text plus every page's text)."""
+        return self.pinned_tokens + self.text_tokens + sum(p.text_tokens for p in self.pages)
 
     @property
     def text_turns(self) -> int:
-        return self.turns - self.text_start[0]
+        """Turns in the recent text (pinned turns are counted apart)."""
+        return self.turns - self.text_start[0] - sum(i >= self.text_start[0] for i in self.pinned)
 
     def in_context(self) -> list[PagePlan]:
         return [p for p in self.pages if p.mode is not None]
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per tier (pages per mode, then out, then the recent text)."""
-        rows = []
+        """One row per tier: the pinned text, pages per mode, then out, then the recent text."""
+        rows = [
+            {
+                "tier": "pinned",
+                "pages": 0,
+                "turns": len(self.pinned),
+                "text_tokens": self.pinned_tokens,
+                "context_tokens": self.pinned_tokens,
+                "ratio": 1.0 if self.pinned_tokens else None,
+            }
+        ]
         for mode in (*FADING_ORDER, None):
             pages = [p for p in self.pages if p.mode == mode]
             text = sum(p.text_tokens for p in pages)
@@ -108,7 +121,8 @@ class Plan:
             f"{self.window}-position window, tokens by {self.counter}"
         )
         fmt = "{:<8} {:>6} {:>6} {:>12} {:>15} {:>7}"
-        lines = [head, fmt.format("tier", "pages", "turns", "text tokens", "context tokens", "ratio")]
+        columns = ("tier", "pages", "turns", "text tokens", "context tokens", "ratio")
+        lines = [head, fmt.format(*columns)]
         for r in self.rows():
             ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
             lines.append(
@@ -117,8 +131,9 @@ class Plan:
                     f"{r['context_tokens']:,}", ratio,
                 )
             )
-        kept = self.text_tokens + sum(p.text_tokens for p in self.in_context())
-        used = self.text_tokens + self.vision_tokens
+        text = self.pinned_tokens + self.text_tokens
+        kept = text + sum(p.text_tokens for p in self.in_context())
+        used = text + self.vision_tokens
         extra = self.query_tokens + self.answer_tokens + self.overhead + self.labels
         lines.append(
             f"query {self.query_tokens:,} + answer reserve {self.answer_tokens:,} + "
@@ -140,7 +155,12 @@ class Plan:
         )
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, indent: int | None = 1) -> str:
+        """The plan as JSON text (the fields of `to_dict`)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-serialisable dict: totals, the tier rows and every page."""
         return {
             "session_id": self.session_id,
             "turns": self.turns,
@@ -149,6 +169,8 @@ class Plan:
             "age_unit": self.age_unit,
             "text_start": list(self.text_start),
             "text_tokens": self.text_tokens,
+            "pinned": list(self.pinned),
+            "pinned_tokens": self.pinned_tokens,
             "query_tokens": self.query_tokens,
             "answer_tokens": self.answer_tokens,
             "overhead": self.overhead,
@@ -158,5 +180,5 @@ class Plan:
             "fits": self.fits,
             "history_tokens": self.history_tokens,
             "tiers": self.rows(),
-            "pages": [vars(p) for p in self.pages],
+            "pages": [dict(vars(p)) for p in self.pages],
         }

@@ -93,7 +93,8 @@ class PromptPage:
 class Prompt:
     """A session's context for one query, ready for a backend.
 
-    `recent` holds the text window as (role, content) pairs, the first one cut
+    `pinned` holds the pinned turns (system, developer, and those pinned by the caller)
+    as (role, content) pairs, in turn order; `recent` holds the text window as (role, content) pairs, the first one cut
     where the last page ends. Page images and cached vision tokens come from
     `memory` on demand, so a backend reads only what it needs.
     """
@@ -108,6 +109,9 @@ class Prompt:
 
     def recent_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.recent)
+
+    def pinned_text(self) -> str:
+        return "\n".join(f"{role}: {content}" for role, content in self.pinned)
 
     def page_pngs(self) -> list[str]:
         """The pages as base64 PNGs at their tiers' geometry (cached per page and tier)."""

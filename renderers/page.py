@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +27,25 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class PlacedImage:
+    """A message's image drawn on a page: its box in pixels and the image (an
+    `optical_memory.messages.ImageData`), scaled to the box when the page is rendered."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    image: Any = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Page:
     """One page. `full` is False only for a trailing page that still had room.
 
     `content_hash` is the sha256 of the render inputs (roles, span texts, whether
-    each span continues a turn, and the render config fingerprint), so equal
-    hashes mean equal images. `next_start` is where pagination continues.
+    each span continues a turn, labels, the bytes of images, and the render config
+    fingerprint), so equal hashes mean equal images. `next_start` is where
+    pagination continues.
     """
 
     mode: str
@@ -50,6 +64,7 @@ class Page:
     glyph_y: np.ndarray = field(repr=False, compare=False)  # [g] int32 baseline y
     glyph_keys: np.ndarray = field(repr=False, compare=False)  # [g] int64 glyph keys
     rules: tuple[Rule, ...] = field(repr=False, compare=False, default=())
+    images: tuple[PlacedImage, ...] = field(repr=False, compare=False, default=())
 
     @property
     def first_turn(self) -> int:

@@ -19,7 +19,7 @@ def test_parse_message_accepts_every_role_and_empty_content():
         ({"role": "robot", "content": "x"}, "unknown role 'robot'"),
         ({"role": "user"}, "missing 'content'"),
         ({"role": "user", "content": None}, "'content' must be a string, got null"),
-        ({"role": "user", "content": [{"type": "text"}]}, "got array"),
+        ({"role": "user", "content": [{"type": "text"}]}, "content[0]: a 'text' part needs 'text'"),
         ([1, 2], "expected a JSON object, got array"),
     ],
 )

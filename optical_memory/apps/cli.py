@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from optical_memory.memory import OpticalMemory
@@ -16,9 +17,13 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     from optical_memory.modes import MODES
 
     p = sub.add_parser("render", help="render a transcript to page PNGs and pages.json")
-    p.add_argument("transcript", help="JSONL file of messages, JSON array of messages, or - for stdin")
+    p.add_argument(
+        "transcript", help="JSONL file of messages, JSON array of messages, or - for stdin"
+    )
     p.add_argument("--out", required=True, help="directory for page-NNNN.png and pages.json")
-    p.add_argument("--mode", choices=list(MODES), default="gundam", help="page geometry (default: gundam)")
+    p.add_argument(
+        "--mode", choices=list(MODES), default="gundam", help="page geometry (default: gundam)"
+    )
     p.set_defaults(handler=_render)
 
 
@@ -65,7 +70,9 @@ def _add_ocr(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("--model", required=True, help="DeepSeek-OCR checkpoint directory")
     p.add_argument("--mode", default="gundam", help="tiny, small, base, large or gundam (default)")
-    p.add_argument("--prompt", default="<image>\nFree OCR.", help="prompt with one <image> placeholder")
+    p.add_argument(
+        "--prompt", default="<image>\nFree OCR.", help="prompt with one <image> placeholder"
+    )
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(handler=_run_ocr)
@@ -80,9 +87,8 @@ def _run_ocr(args: argparse.Namespace) -> int:
     image = Image.open(args.image).convert("RGB")
     page = PageImage(image, args.mode)
     model = load_model(args.model, device=args.device)
-    for piece in model.stream(
-        split_prompt(args.prompt, [page]), max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=20
-    ):
+    prompt = split_prompt(args.prompt, [page])
+    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=20):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -90,10 +96,14 @@ def _run_ocr(args: argparse.Namespace) -> int:
 
 
 # --- memory commands: demo, ingest, plan, ask, stats --------------------------
-def _store_option(p: argparse.ArgumentParser, default_help: str) -> None:
+_STORE_DEFAULT = "$OPTICAL_MEMORY_STORE, else the embedded SQLite file"
+
+
+def _store_option(p: argparse.ArgumentParser, default_help: str = _STORE_DEFAULT) -> None:
     p.add_argument(
         "--store",
-        help=f"sqlite:///path, a file path, or redis://host:port/db (default: {default_help})",
+        help="redis://host:port/db, rediss://..., unix:///socket, sqlite:///path or a file path "
+        f"(default: {default_help})",
     )
 
 
@@ -140,31 +150,86 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
-    from optical_memory.messages import load_transcript
+def _load_with_ids(source: str) -> tuple[list[Any], list[str | None]]:
+    """The messages of a transcript as `load_transcript` gives them, and the "turn_id" of each
+    (None where a message has none). The source is read once (standard input included)."""
+    import io
+    import json
+    from collections.abc import Mapping
 
-    mem = _open_memory(args)
-    stored = mem.extend(args.session, load_transcript(args.transcript))
-    print(f"session {args.session!r}: {len(stored)} turns appended, "
-          f"{mem.store.turn_count(args.session)} in all ({mem.store.url})")
+    from optical_memory.messages import MessageError, load_transcript
+
+    raw = None
+    if source == "-":
+        raw, stdin = sys.stdin.buffer.read(), sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
+        try:
+            messages = load_transcript("-")
+        finally:
+            sys.stdin = stdin
+    else:
+        messages = load_transcript(source)
+    if all(isinstance(m, Mapping) or hasattr(m, "turn_id") for m in messages):
+        ids = [m.get("turn_id") if isinstance(m, Mapping) else m.turn_id for m in messages]
+        return messages, ids
+    # messages that do not carry their turn ids: read them from the objects of the source
+    text = (raw if raw is not None else Path(source).read_bytes()).decode("utf-8")
+    text = text.removeprefix("\ufeff")
+    if text.lstrip().startswith("["):
+        objects = json.loads(text)
+    else:
+        objects = [json.loads(line) for line in text.split("\n") if line.strip()]
+    if len(objects) != len(messages):
+        raise MessageError(f"{source}: changed while it was read; nothing was stored")
+    return messages, [o.get("turn_id") if isinstance(o, Mapping) else None for o in objects]
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from optical_memory.stores import TurnConflictError
+
+    messages, ids = _load_with_ids(args.transcript)  # read first: a bad file creates no store
+    with _open_memory(args) as mem:
+        before = mem.store.turn_count(args.session) if messages else 0
+        try:
+            stored = mem.extend(
+                args.session, messages, turn_ids=ids if any(i is not None for i in ids) else None
+            )
+        except TurnConflictError as exc:
+            raise TurnConflictError(
+                f"{exc}; nothing of {args.transcript} was stored (a transcript is stored in one "
+                "batch: all of it or nothing)"
+            ) from None
+        new = sum(t.index >= before for t in stored)
+        print(f"session {args.session!r}: {new} turns appended, {len(stored) - new} already "
+              f"stored, {mem.store.turn_count(args.session)} in all ({mem.store.url})")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import json
-
-    mem = _open_memory(args)
-    mem.pages(args.session, progress=True)
-    plan = mem.plan(args.session, query=args.query, budget=args.budget)
-    print(json.dumps(plan.to_json(), indent=1) if args.json else plan.table())
+    with _open_memory(args) as mem:
+        mem.pages(args.session, progress=True)
+        plan = mem.plan(args.session, query=args.query, budget=args.budget)
+    print(plan.to_json() if args.json else plan.table())
+    if not plan.fits:
+        sys.stdout.flush()
+        print(
+            f"optical-memory plan: over the window: the context needs {plan.total:,} positions "
+            f"with every page out of it, {plan.total - plan.window:,} more than the "
+            f"{plan.window:,}-position window holds (see the table: pinned text "
+            f"{plan.pinned_tokens:,}, recent text {plan.text_tokens:,}, query "
+            f"{plan.query_tokens:,}, answer reserve "
+            f"{plan.answer_tokens:,}, prompt {plan.overhead:,})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
-    mem = _open_memory(args)
-    for piece in mem.stream(args.session, args.question, args.max_new_tokens, progress=True):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with _open_memory(args) as mem:
+        for piece in mem.stream(args.session, args.question, args.max_new_tokens, progress=True):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
@@ -172,14 +237,80 @@ def _ask(args: argparse.Namespace) -> int:
 def _messages(args: argparse.Namespace) -> int:
     import json
 
-    mem = _open_memory(args)
-    messages = mem.messages(args.session, args.query, budget=args.budget)
+    with _open_memory(args) as mem:
+        messages = mem.messages(args.session, args.query, budget=args.budget)
     print(json.dumps(messages, indent=1, ensure_ascii=False))
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
-    print(_open_memory(args).stats(args.session).table())
+    with _open_memory(args) as mem:
+        print(mem.stats(args.session).table())
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    with _open_memory(args) as mem:
+        for session_id in mem.sessions():
+            print(session_id)
+    return 0
+
+
+def _turns(args: argparse.Namespace) -> int:
+    import json
+
+    with _open_memory(args) as mem:
+        turns = mem.turns(args.session)
+    if args.json:
+        records = [
+            {**t.to_message(), "turn_id": t.turn_id, "index": t.index, "created": t.created}
+            for t in turns
+        ]
+        print(json.dumps(records, indent=1, ensure_ascii=False))
+    else:
+        for t in turns:
+            print(json.dumps({**t.to_message(), "turn_id": t.turn_id}, ensure_ascii=False))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with _open_memory(args) as mem:
+        if args.out is not None:
+            count = mem.export_jsonl(args.session, args.out)
+            print(f"session {args.session!r}: {count} turns -> {args.out}", file=sys.stderr)
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:  # export_jsonl writes files: copy it out
+            mem.export_jsonl(args.session, Path(tmp) / "session.jsonl")
+            data = (Path(tmp) / "session.jsonl").read_bytes()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from optical_memory.memory import check_id
+
+    check_id(args.session, "session id")
+    with _open_memory(args) as mem:
+        count = mem.store.turn_count(args.session)
+        if not mem.delete(args.session):
+            print(f"optical-memory delete: unknown session {args.session!r}: it holds no turns; "
+                  "nothing deleted", file=sys.stderr)
+            return 1
+    print(f"session {args.session!r} deleted ({count} turns, its pages and cache entries)")
+    return 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    with _open_memory(args) as mem:
+        verb = "unpin" if args.unpin else "pin"
+        if not hasattr(mem, verb):
+            raise SystemExit(f"optical-memory pin: this OpticalMemory has no {verb}() yet")
+        getattr(mem, verb)(args.session, args.turn_id)
+    print(f"turn {args.turn_id!r} of session {args.session!r} {verb}ned")
     return 0
 
 
@@ -191,19 +322,27 @@ _PROFILES = "deepseek-ocr (default), deepseek-ocr-vllm, qwen2-vl, qwen2.5-vl, gp
 
 
 def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="page, plan and picture a long conversation (no GPU, no weights)")
+    p = sub.add_parser(
+        "demo", help="page, plan and picture a long conversation (no GPU, no weights)"
+    )
     p.add_argument("--out", default="out/demo", help="directory for the pictures and plan.json")
-    p.add_argument("--transcript", help="JSONL or JSON array of messages (default: a synthetic one)")
+    p.add_argument(
+        "--transcript", help="JSONL or JSON array of messages (default: a synthetic one)"
+    )
     p.add_argument("--turns", type=int, default=1000, help="turns of the synthetic conversation")
     p.add_argument("--model", help="also answer --ask with this model: " + _MODEL_HELP)
     p.add_argument("--ask", help="question to answer with --model")
     _store_option(p, "OUT/memory.sqlite3")
     p.set_defaults(handler=_memory_errors(_demo))
 
-    p = sub.add_parser("ingest", help="append a transcript to a session")
+    p = sub.add_parser(
+        "ingest", help="append a transcript to a session (a message's turn_id makes it idempotent)"
+    )
     p.add_argument("session")
-    p.add_argument("transcript", help="JSONL file of messages, JSON array of messages, or - for stdin")
-    _store_option(p, "the embedded SQLite file")
+    p.add_argument(
+        "transcript", help="JSONL file of messages, JSON array of messages, or - for stdin"
+    )
+    _store_option(p)
     p.set_defaults(handler=_memory_errors(_ingest))
 
     p = sub.add_parser("plan", help="show what the context of a session would hold")
@@ -211,7 +350,7 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", help="the question the context is for (counts its tokens)")
     p.add_argument("--budget", type=int, help="decoder positions (default: the window, 8192)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    _store_option(p, "the embedded SQLite file")
+    _store_option(p)
     p.set_defaults(handler=_memory_errors(_plan))
 
     p = sub.add_parser("messages", help="the context for a query as OpenAI chat messages (JSON)")
@@ -219,7 +358,7 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", help="the question the context is for (sent last)")
     p.add_argument("--budget", type=int, help="positions (default: the profile's window)")
     p.add_argument("--profile", help="how the reading model counts images: " + _PROFILES)
-    _store_option(p, "the embedded SQLite file")
+    _store_option(p)
     p.set_defaults(handler=_memory_errors(_messages))
 
     p = sub.add_parser("ask", help="answer a question from a session's memory (needs --model)")
@@ -229,20 +368,53 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the reserve)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float32, ... (default: bf16 on GPU, fp32 on CPU)")
-    _store_option(p, "the embedded SQLite file")
+    _store_option(p)
     p.set_defaults(handler=_memory_errors(_ask))
 
     p = sub.add_parser("stats", help="turns, pages per mode, cache use of a session")
     p.add_argument("session")
-    _store_option(p, "the embedded SQLite file")
+    _store_option(p)
     p.set_defaults(handler=_memory_errors(_stats))
+
+    p = sub.add_parser("sessions", help="the sessions of the store, one id per line")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_sessions))
+
+    p = sub.add_parser("turns", help="the stored messages of a session, as JSONL with turn_id")
+    p.add_argument("session")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON array, with each turn's index and time"
+    )
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_turns))
+
+    p = sub.add_parser("export", help="a session as JSONL (what ingest and import_jsonl read)")
+    p.add_argument("session")
+    p.add_argument("--out", help="file to write (default: standard output)")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_export))
+
+    p = sub.add_parser("delete", help="remove a session, its pages and cache entries")
+    p.add_argument("session")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_delete))
+
+    p = sub.add_parser("pin", help="keep a turn as text at the start of every context")
+    p.add_argument("session")
+    p.add_argument("turn_id")
+    p.add_argument("--unpin", action="store_true", help="page the turn again like any other")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_pin))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from optical_memory import __version__
+
     parser = argparse.ArgumentParser(
         prog="optical-memory",
         description="Long-context chat memory: old turns as vision tokens that fade with age.",
     )
+    parser.add_argument("--version", action="version", version=f"optical-memory {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_render(sub)
     _add_check_checkpoint(sub)

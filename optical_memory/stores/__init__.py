@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from optical_memory.stores.base import (
     CacheLimits,
@@ -17,6 +19,8 @@ from optical_memory.stores.base import (
 )
 
 __all__ = [
+    "STORE_ENV",
+    "STORE_FORMS",
     "CacheLimits",
     "NewTurn",
     "SessionInfo",
@@ -27,6 +31,7 @@ __all__ = [
     "TurnConflictError",
     "default_path",
     "open_store",
+    "parse_store_url",
 ]
 
 
@@ -39,25 +44,85 @@ def default_path() -> Path:
     return Path(data) / "optical-memory" / "memory.sqlite3"
 
 
+STORE_ENV = "OPTICAL_MEMORY_STORE"
+STORE_FORMS = (
+    "redis://[:password@]host[:port][/db], rediss://... (TLS), unix:///path/to/redis.sock, "
+    "sqlite:///absolute/path, sqlite://relative/path, or a file path"
+)
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_NEAR_SCHEME = re.compile(r"(redis|rediss|unix|sqlite):(?!//)", re.IGNORECASE)
+
+
+def parse_store_url(store: str | os.PathLike) -> tuple[str, str]:
+    """("redis", url) or ("sqlite", path) for a store URL or path; ValueError naming the URL
+    and the valid forms for anything else (an unknown scheme, `redis:host:6379/0` without
+    the `//`, a bad port or database number, an empty path)."""
+    if not isinstance(store, str):  # a path object is a path, whatever its characters
+        return "sqlite", os.fspath(store)
+
+    def bad(why: str) -> ValueError:
+        shown = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", store)  # no password in messages
+        return ValueError(f"invalid store URL {shown!r}: {why}; valid forms: {STORE_FORMS}")
+
+    if not store.strip():
+        raise bad("it is empty")
+    match = _SCHEME.match(store)
+    if match is None:
+        near = _NEAR_SCHEME.match(store)
+        if near:
+            raise bad(f"'{near.group(1)}:' must be followed by '//'")
+        return "sqlite", store
+    scheme = match.group(1).lower()
+    rest = store[match.end() :]
+    store = f"{scheme}://{rest}"
+    if scheme == "sqlite":
+        if not rest or rest == "/":
+            raise bad("no file path after 'sqlite://'")
+        return "sqlite", rest
+    if scheme not in _REDIS_SCHEMES:
+        raise bad(f"unknown scheme {scheme + '://'!r}")
+    parts = urlsplit(store)
+    if scheme == "unix":
+        if not parts.path or parts.path == "/":
+            raise bad("no socket path after 'unix://'")
+        return "redis", store
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise bad("the port must be a number from 0 to 65535") from None
+    if not re.fullmatch(r"/?(\d+/?)?", parts.path):
+        raise bad(f"the database must be a number, got {parts.path.lstrip('/')!r}")
+    return "redis", store
+
+
 def open_store(
     store: str | os.PathLike | Store | None = None, cache: CacheLimits | None = None
 ) -> Store:
-    """A store from a URL or path.
+    """A store from a URL or path; see `parse_store_url` (nothing is created for a bad one).
 
-    None: the embedded default file. `redis://host:port/db` (or `rediss://`): Redis.
-    `sqlite:///path`, or any other string: an SQLite file at that path.
+    None: $OPTICAL_MEMORY_STORE if set, else the embedded default file (`default_path`).
+    `redis://host:port/db`, `rediss://...` or `unix:///socket`: Redis. `sqlite:///abs/path`,
+    `sqlite://relative/path` or a plain path: an SQLite file there.
     """
     if isinstance(store, Store):
         return store
     if store is None:
-        from optical_memory.stores.sqlite import SQLiteStore
+        store = os.environ.get(STORE_ENV) or None
+        if store is None:
+            from optical_memory.stores.sqlite import SQLiteStore
 
-        return SQLiteStore(default_path(), cache=cache)
-    text = os.fspath(store)
-    if text.startswith(("redis://", "rediss://", "unix://")):
+            return SQLiteStore(default_path(), cache=cache)
+        try:
+            kind, target = parse_store_url(store)
+        except ValueError as exc:
+            raise ValueError(f"${STORE_ENV}: {exc}") from None
+    else:
+        kind, target = parse_store_url(store)
+    if kind == "redis":
         from optical_memory.stores.redis import RedisStore
 
-        return RedisStore(text, cache=cache)
+        return RedisStore(target, cache=cache)
     from optical_memory.stores.sqlite import SQLiteStore
 
-    return SQLiteStore(text.removeprefix("sqlite://"), cache=cache)
+    return SQLiteStore(target, cache=cache)

@@ -7,6 +7,8 @@ A store keeps three kinds of data per session:
 - page records: the immutable grouping of old turns into pages (JSON objects
   owned by `optical_memory.pages`), appended with a compare-and-set so that two
   writers can never seal overlapping pages;
+- pins: indexes of turns the caller pinned (kept as text; system and developer
+  turns are pinned by their role and need no entry);
 - the vision-token cache: opaque byte values (framed by `optical_memory.cache`),
   bounded per session by bytes (least recently used first) and optionally by age.
 
@@ -16,11 +18,14 @@ Everything but the turn log is derived data and may be dropped at any time.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from optical_memory.messages import dump_json
 
 
 class StoreError(RuntimeError):
@@ -35,27 +40,63 @@ class TurnConflictError(StoreError, ValueError):
     """A turn id was reused for a different turn."""
 
 
+class InvalidTurnError(StoreError, ValueError):
+    """A turn that cannot be stored (text that is not valid Unicode); nothing was stored."""
+
+
+def plain_json(role: str, content: str) -> str:
+    """The stored JSON text of the message {"role": role, "content": content}."""
+    return dump_json({"role": role, "content": content})
+
+
 @dataclass(frozen=True)
 class NewTurn:
-    """A turn to append: the caller's message plus the id that makes a retry idempotent."""
+    """A turn to append: the caller's message plus the id that makes a retry idempotent.
+
+    `message_json` is the message as given, as JSON text in `dump_json`'s style (the
+    source of truth, returned byte for byte); `content` is its render text (what pages
+    lay out and counters count). Without `message_json` the message is
+    {"role": role, "content": content}.
+    """
 
     turn_id: str
     role: str
     content: str
+    message_json: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.message_json:
+            object.__setattr__(self, "message_json", plain_json(self.role, self.content))
+
+    @property
+    def plain(self) -> bool:
+        """Whether the message is exactly {"role": role, "content": content} (stores keep
+        no second copy of such a message)."""
+        return self.message_json == plain_json(self.role, self.content)
 
 
 @dataclass(frozen=True)
 class Turn:
-    """A stored turn. `index` is its position in the session (0-based, gap-free)."""
+    """A stored turn. `index` is its position in the session (0-based, gap-free).
+
+    `message_json` is the message as given (JSON text, see `NewTurn`); a turn stored
+    before messages were kept whole reads back as {"role": role, "content": content}.
+    """
 
     index: int
     turn_id: str
     role: str
     content: str
     created: float
+    message_json: str | None = None
 
-    def to_message(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def __post_init__(self) -> None:
+        if not self.message_json:
+            object.__setattr__(self, "message_json", plain_json(self.role, self.content))
+
+    def to_message(self) -> dict[str, Any]:
+        """The message exactly as it was given (less its "turn_id"), a fresh dict."""
+        return json.loads(self.message_json)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +104,7 @@ class Turn:
             "role": self.role,
             "content": self.content,
             "created": self.created,
+            "message": self.to_message(),
         }
 
 
@@ -98,8 +140,60 @@ class SessionInfo:
     turn_bytes: int
 
 
+def message_identity(role: str, content: str, message_json: str) -> str | None:
+    """What tells messages apart beyond role and render text: None for a plain message
+    (or one that differs from it only in key order), else its JSON with sorted keys."""
+    if message_json == plain_json(role, content):
+        return None
+    canonical = json.dumps(
+        json.loads(message_json), ensure_ascii=False, separators=(",", ":"), sort_keys=True
+    )
+    plain = json.dumps(
+        {"content": content, "role": role}, ensure_ascii=False, separators=(",", ":")
+    )
+    return None if canonical == plain else canonical
+
+
 def same_turn(stored: Turn, new: NewTurn) -> bool:
-    return stored.role == new.role and stored.content == new.content
+    """Whether `new` is a retry of `stored`: the same message (key order aside)."""
+    if stored.role != new.role or stored.content != new.content:
+        return False
+    return stored.message_json == new.message_json or message_identity(
+        stored.role, stored.content, stored.message_json
+    ) == message_identity(new.role, new.content, new.message_json)
+
+
+def check_batch(session_id: str, turns: Sequence[NewTurn]) -> None:
+    """Refuse, before anything is written, a batch that cannot be stored as a whole: text
+    that is not valid Unicode (a lone surrogate cannot be encoded as UTF-8), or one turn id
+    given twice with different turns (the same turn twice is stored once)."""
+    first: dict[str, int] = {}
+    for i, new in enumerate(turns):
+        for what, text in (
+            ("turn id", new.turn_id),
+            ("role", new.role),
+            ("content", new.content),
+            ("message", new.message_json),
+        ):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidTurnError(
+                    f"turn {i} of the batch for session {session_id!r}: its {what} contains a "
+                    f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
+                    "which is not valid Unicode text; nothing was stored"
+                ) from None
+        j = first.setdefault(new.turn_id, i)
+        if j != i and not same_turn(Turn(j, *_fields(turns[j])), new):
+            raise TurnConflictError(
+                f"turn id {new.turn_id!r} is given twice in one batch for session "
+                f"{session_id!r} (turns {j} and {i} of the batch) with different content; "
+                "nothing was stored"
+            )
+
+
+def _fields(new: NewTurn) -> tuple[str, str, str, float, str]:
+    return new.turn_id, new.role, new.content, 0.0, new.message_json
 
 
 def conflict(session_id: str, stored: Turn) -> TurnConflictError:
@@ -149,6 +243,19 @@ class Store(ABC):
         """Remove a session and everything derived from it; False if it did not exist."""
 
     # --- pages ----------------------------------------------------------------------
+    @abstractmethod
+    def index_of(self, session_id: str, turn_id: str) -> int | None:
+        """The index of the turn with this id, None if the session has none."""
+
+    # --- pins: turns kept as text at the start of every context -------------------------
+    @abstractmethod
+    def set_pinned(self, session_id: str, index: int, pinned: bool) -> None:
+        """Pin (or unpin) the turn at `index`."""
+
+    @abstractmethod
+    def pinned(self, session_id: str) -> list[int]:
+        """Indexes of the session's explicitly pinned turns, ascending."""
+
     @abstractmethod
     def pages(self, session_id: str) -> list[dict[str, Any]]:
         """Page records in order."""

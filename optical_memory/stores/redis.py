@@ -6,8 +6,10 @@ a session carries the hash tag `{T}`, so Redis Cluster keeps a session on one
 shard and the Lua scripts below touch one slot only:
 
     P:{T}:meta     hash: session id, paging cursor, cache hits/misses, turn bytes
-    P:{T}:turns    list of turn records (JSON); the list position is the turn index
-    P:{T}:ids      hash: turn id -> "index:digest of role and content"
+    P:{T}:turns    list of turn records (JSON: turn_id, role, content, created, and
+                   "message", the message's JSON text, unless it is just role and
+                   content); the list position is the turn index
+    P:{T}:ids      hash: turn id -> "index:digest of role, content and message"
     P:{T}:pages    list of page records (JSON)
     P:{T}:lru      sorted set: cache key -> last use; P:{T}:csize hash: cache key -> bytes
     P:{T}:c:<key>  one cache value
@@ -35,12 +37,18 @@ from optical_memory.stores.base import (
     StoreError,
     StoreUnavailableError,
     Turn,
+    check_batch,
     conflict,
+    message_identity,
     now,
     session_key,
 )
 
 T = TypeVar("T")
+
+# `_call` names of the calls that only read, besides those named "read ...": their errors give
+# no advice about retrying writes. Any other name is taken for a write.
+_READS = frozenset({"count turns", "list sessions", "cache read", "session info"})
 
 # KEYS: turns, ids, meta. ARGV: session id, then per turn: turn id, digest, record, bytes.
 _APPEND = """
@@ -130,8 +138,12 @@ return 1
 """
 
 
-def _digest(role: str, content: str) -> str:
-    return hashlib.sha256(f"{role}\0{content}".encode()).hexdigest()[:32]
+def _digest(role: str, content: str, message_json: str) -> str:
+    """What an id's turn is compared by: a plain message digests as before messages were kept
+    whole (role and content), so retries of turns stored then still match."""
+    identity = message_identity(role, content, message_json)
+    text = f"{role}\0{content}" if identity is None else f"{role}\0{content}\0{identity}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class RedisStore(Store):
@@ -166,9 +178,14 @@ class RedisStore(Store):
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if what in _READS or what.startswith("read "):
+                raise StoreUnavailableError(
+                    f"Redis at {self.url} is unreachable during a read ({what}): nothing could "
+                    f"be read; a read changes nothing, so try again when it is back ({exc})"
+                ) from exc
             raise StoreUnavailableError(
-                f"Redis at {self.url} is unreachable during {what}; nothing of it is reported "
-                f"stored, retry with the same turn ids when it is back ({exc})"
+                f"Redis at {self.url} is unreachable during a write ({what}); nothing of it is "
+                f"reported stored, retry with the same turn ids when it is back ({exc})"
             ) from exc
         except redis.ResponseError as exc:
             if "TURNCONFLICT" in str(exc):
@@ -181,16 +198,22 @@ class RedisStore(Store):
     def append(self, session_id: str, turns: Sequence[NewTurn]) -> list[Turn]:
         if not turns:
             return []
+        check_batch(session_id, turns)
         created = now()
         args: list[Any] = [session_id]
         for new in turns:
-            record = {
-                "turn_id": new.turn_id, "role": new.role, "content": new.content, "created": created
+            record: dict[str, Any] = {
+                "turn_id": new.turn_id,
+                "role": new.role,
+                "content": new.content,
+                "created": created,
             }
+            if not new.plain:
+                record["message"] = new.message_json
             args += [
                 new.turn_id,
-                _digest(new.role, new.content),
-                json.dumps(record),
+                _digest(new.role, new.content, new.message_json),
+                json.dumps(record, ensure_ascii=False, separators=(",", ":")),
                 len(new.content.encode()),
             ]
         keys = [self._key(session_id, p) for p in ("turns", "ids", "meta")]
@@ -210,7 +233,9 @@ class RedisStore(Store):
         out: list[Turn] = []
         for new, index, fresh in zip(turns, indices[::2], indices[1::2]):
             if fresh:
-                out.append(Turn(int(index), new.turn_id, new.role, new.content, created))
+                out.append(
+                    Turn(int(index), new.turn_id, new.role, new.content, created, new.message_json)
+                )
             else:  # a retry: its first stored record
                 out.extend(self.turns(session_id, int(index), int(index) + 1))
         return out
@@ -224,7 +249,14 @@ class RedisStore(Store):
         for offset, item in enumerate(raw):
             rec = json.loads(item)
             out.append(
-                Turn(start + offset, rec["turn_id"], rec["role"], rec["content"], rec["created"])
+                Turn(
+                    start + offset,
+                    rec["turn_id"],
+                    rec["role"],
+                    rec["content"],
+                    rec["created"],
+                    rec.get("message"),
+                )
             )
         return out
 
@@ -247,7 +279,8 @@ class RedisStore(Store):
         existed = self.turn_count(session_id) > 0
         lru = self._key(session_id, "lru")
         cached = self._call("delete", lambda: self._r.zrange(lru, 0, -1))
-        keys = [self._key(session_id, p) for p in ("meta", "turns", "ids", "pages", "lru", "csize")]
+        parts = ("meta", "turns", "ids", "pages", "pins", "lru", "csize")
+        keys = [self._key(session_id, p) for p in parts]
         keys += [self._key(session_id, "c:" + k.decode()) for k in cached]
 
         def run() -> None:
@@ -258,6 +291,21 @@ class RedisStore(Store):
 
         self._call("delete", run)
         return existed
+
+    def index_of(self, session_id: str, turn_id: str) -> int | None:
+        key = self._key(session_id, "ids")
+        entry = self._call("read turn id", lambda: self._r.hget(key, turn_id))
+        return int(entry.split(b":", 1)[0]) if entry else None
+
+    # --- pins -----------------------------------------------------------------------
+    def set_pinned(self, session_id: str, index: int, pinned: bool) -> None:
+        key = self._key(session_id, "pins")
+        command = self._r.sadd if pinned else self._r.srem
+        self._call("pin", lambda: command(key, index))
+
+    def pinned(self, session_id: str) -> list[int]:
+        key = self._key(session_id, "pins")
+        return sorted(int(i) for i in self._call("read pins", lambda: self._r.smembers(key)))
 
     # --- pages ----------------------------------------------------------------------
     def pages(self, session_id: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from optical_memory.stores.base import (
     Store,
     StoreError,
     Turn,
+    check_batch,
     conflict,
     now,
     same_turn,
@@ -34,11 +35,14 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE TABLE IF NOT EXISTS turns (
     sid TEXT NOT NULL, idx INTEGER NOT NULL, turn_id TEXT NOT NULL, role TEXT NOT NULL,
-    content TEXT NOT NULL, created REAL NOT NULL,
+    content TEXT NOT NULL, created REAL NOT NULL, message TEXT,
     PRIMARY KEY (sid, idx), UNIQUE (sid, turn_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pages (
     sid TEXT NOT NULL, idx INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (sid, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pins (
+    sid TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (sid, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cache (
     sid TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, size INTEGER NOT NULL,
@@ -67,8 +71,21 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate_turns()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _migrate_turns(self) -> None:
+        """Files made before messages were kept whole get the `message` column (NULL: the
+        message is {"role": role, "content": content}, as such turns read back)."""
+
+        def columns() -> set[str]:
+            return {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}
+
+        if "message" not in columns():
+            with self._write() as db:
+                if "message" not in columns():  # another process may have got there first
+                    db.execute("ALTER TABLE turns ADD COLUMN message TEXT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -80,11 +97,15 @@ class SQLiteStore(Store):
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):  # e.g. "database or disk is full"
+                    raise StoreError(
+                        f"SQLite store {self.path}: {exc}; nothing of this write was stored"
+                    ) from exc
+                raise
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -95,6 +116,7 @@ class SQLiteStore(Store):
 
     # --- turn log -------------------------------------------------------------------
     def append(self, session_id: str, turns: Sequence[NewTurn]) -> list[Turn]:
+        check_batch(session_id, turns)
         out: list[Turn] = []
         with self._write() as db:
             (count,) = db.execute(
@@ -113,11 +135,19 @@ class SQLiteStore(Store):
                         raise conflict(session_id, stored)
                     out.append(stored)
                     continue
-                turn = Turn(count, new.turn_id, new.role, new.content, now())
+                turn = Turn(count, new.turn_id, new.role, new.content, now(), new.message_json)
                 db.execute(
-                    "INSERT INTO turns (sid, idx, turn_id, role, content, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (session_id, turn.index, turn.turn_id, turn.role, turn.content, turn.created),
+                    "INSERT INTO turns (sid, idx, turn_id, role, content, created, message) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session_id,
+                        turn.index,
+                        turn.turn_id,
+                        turn.role,
+                        turn.content,
+                        turn.created,
+                        None if new.plain else new.message_json,
+                    ),
                 )
                 pending[new.turn_id] = turn
                 out.append(turn)
@@ -127,14 +157,15 @@ class SQLiteStore(Store):
     @staticmethod
     def _by_id(db: sqlite3.Connection, session_id: str, turn_id: str) -> Turn | None:
         row = db.execute(
-            "SELECT idx, turn_id, role, content, created FROM turns WHERE sid = ? AND turn_id = ?",
+            "SELECT idx, turn_id, role, content, created, message FROM turns "
+            "WHERE sid = ? AND turn_id = ?",
             (session_id, turn_id),
         ).fetchone()
         return Turn(*row) if row else None
 
     def turns(self, session_id: str, start: int = 0, stop: int | None = None) -> list[Turn]:
         rows = self._read(
-            "SELECT idx, turn_id, role, content, created FROM turns "
+            "SELECT idx, turn_id, role, content, created, message FROM turns "
             "WHERE sid = ? AND idx >= ? AND idx < ? ORDER BY idx",
             (session_id, start, stop if stop is not None else 2**62),
         )
@@ -152,9 +183,27 @@ class SQLiteStore(Store):
     def delete(self, session_id: str) -> bool:
         with self._write() as db:
             existed = db.execute("DELETE FROM turns WHERE sid = ?", (session_id,)).rowcount > 0
-            for table in ("pages", "cache", "sessions"):
+            for table in ("pages", "pins", "cache", "sessions"):
                 db.execute(f"DELETE FROM {table} WHERE sid = ?", (session_id,))
         return existed
+
+    def index_of(self, session_id: str, turn_id: str) -> int | None:
+        rows = self._read(
+            "SELECT idx FROM turns WHERE sid = ? AND turn_id = ?", (session_id, turn_id)
+        )
+        return rows[0][0] if rows else None
+
+    # --- pins -----------------------------------------------------------------------
+    def set_pinned(self, session_id: str, index: int, pinned: bool) -> None:
+        with self._write() as db:
+            if pinned:
+                db.execute("INSERT OR IGNORE INTO pins (sid, idx) VALUES (?, ?)", (session_id, index))
+            else:
+                db.execute("DELETE FROM pins WHERE sid = ? AND idx = ?", (session_id, index))
+
+    def pinned(self, session_id: str) -> list[int]:
+        rows = self._read("SELECT idx FROM pins WHERE sid = ? ORDER BY idx", (session_id,))
+        return [idx for (idx,) in rows]
 
     # --- pages ----------------------------------------------------------------------
     def pages(self, session_id: str) -> list[dict[str, Any]]:

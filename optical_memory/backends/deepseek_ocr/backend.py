@@ -155,12 +155,14 @@ class DeepSeekOCRBackend(Backend):
         return [out[p.index] for p in wanted], encoded
 
     def context(self, prompt: Prompt, progress: bool = False) -> Context:
-        """Decoder inputs: page embeddings (cached or encoded now), then recent text and query."""
+        """Decoder inputs: the pinned text, page embeddings (cached or encoded now), then the
+        recent text and the query."""
         embeddings, encoded = self.encode_pages(
             prompt.memory, prompt.session_id, prompt.plan, progress
         )
         text = "\n" + prompt.recent_text() + format_query(prompt.query or "")
-        return Context(prompt.plan, [*embeddings, text], encoded)
+        pinned = [prompt.pinned_text() + "\n"] if prompt.pinned else []
+        return Context(prompt.plan, [*pinned, *embeddings, text], encoded)
 
     # --- answers ------------------------------------------------------------------------
     def answer(
