@@ -11,6 +11,7 @@ model is imported on first use, so the memory itself needs no torch.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import time
 import unicodedata
@@ -50,6 +51,14 @@ if TYPE_CHECKING:
 
 MAX_ID_CHARS = 256
 PINNED_ROLES = ("system", "developer")  # always text, first in every context
+
+
+def answer_id_for(question_id: str) -> str:
+    """The answer's turn id, derived from the question's, so a retried `ask` stores it once."""
+    derived = f"{question_id}/answer"
+    if len(derived) <= MAX_ID_CHARS:
+        return derived
+    return "answer-" + hashlib.sha256(question_id.encode()).hexdigest()[:48]
 
 
 class PinnedOverflowError(ValueError):
@@ -573,18 +582,36 @@ class OpticalMemory:
     # --- answers --------------------------------------------------------------------
     def _question(
         self, session_id: str, query: str, max_new_tokens: int | None, turn_id: str | None
-    ) -> tuple[NewTurn, Prompt, int]:
+    ) -> tuple[NewTurn, str, Answer | None]:
+        """The question turn, its answer's turn id, and the answer if a retry finds it stored."""
         if self.backend is None:
             raise ValueError("this OpticalMemory has no model: pass model=<backend or checkpoint>")
         question = self._new_turn({"role": "user", "content": query}, turn_id, "query")
+        answer_id = answer_id_for(question.turn_id)
+        index = self.store.index_of(session_id, answer_id) if turn_id is not None else None
+        if index is None:
+            return question, answer_id, None
+        stored = self.store.turns(session_id, index, index + 1)[0]
+        return question, answer_id, Answer(
+            stored.content, self.backend.name, "", question_id=question.turn_id,
+            answer_id=answer_id,
+        )
+
+    def _prompt_for(self, session_id: str, query: str, max_new_tokens: int | None) -> tuple[Prompt, int]:
         answer_tokens = max_new_tokens or self.policy.answer_tokens
         # a longer answer than the policy reserves takes its extra positions from the pages
         budget = self.window - max(0, answer_tokens - self.policy.answer_tokens)
-        return question, self.prompt(session_id, query, budget=budget), answer_tokens
+        return self.prompt(session_id, query, budget=budget), answer_tokens
 
-    def _store_answer(self, session_id: str, question: NewTurn, text: str) -> None:
-        reply = self._new_turn({"role": "assistant", "content": text}, None, "answer")
+    def _store_answer(
+        self, session_id: str, question: NewTurn, answer_id: str, answer: Answer, prompt: Prompt
+    ) -> Answer:
+        reply = self._new_turn({"role": "assistant", "content": answer.text}, answer_id, "answer")
         self.store.append(session_id, [question, reply])
+        return replace(
+            answer, question_id=question.turn_id, answer_id=answer_id,
+            positions=prompt.plan.positions(),
+        )
 
     def ask(
         self,
@@ -595,14 +622,16 @@ class OpticalMemory:
         **options: Any,
     ) -> Answer:
         """Answer `query` from the session's memory with the backend, then append the question
-        and the answer as turns. Nothing is stored when the backend fails (`BackendError`).
+        and the answer as turns; the `Answer` holds their turn ids and the context's positions
+        by kind. Nothing is stored when the backend fails (`BackendError`). Retried with the
+        same `turn_id`, the stored answer comes back and nothing is asked or stored twice.
         `options` go to the backend (sampling settings; `progress` for the local one)."""
-        question, prompt, answer_tokens = self._question(
-            session_id, query, max_new_tokens, turn_id
-        )
+        question, answer_id, stored = self._question(session_id, query, max_new_tokens, turn_id)
+        if stored is not None:
+            return stored
+        prompt, answer_tokens = self._prompt_for(session_id, query, max_new_tokens)
         answer = self.backend.answer(prompt, max_tokens=answer_tokens, **options)
-        self._store_answer(session_id, question, answer.text)
-        return answer
+        return self._store_answer(session_id, question, answer_id, answer, prompt)
 
     def stream(
         self,
@@ -613,14 +642,18 @@ class OpticalMemory:
         **options: Any,
     ) -> Iterator[str]:
         """`ask`, yielding the answer in pieces; the turns are appended once it is complete."""
-        question, prompt, answer_tokens = self._question(
-            session_id, query, max_new_tokens, turn_id
-        )
+        question, answer_id, stored = self._question(session_id, query, max_new_tokens, turn_id)
+        if stored is not None:
+            yield stored.text
+            return
+        prompt, answer_tokens = self._prompt_for(session_id, query, max_new_tokens)
+        stream = self.backend.stream(prompt, max_tokens=answer_tokens, **options)
         pieces = []
-        for piece in self.backend.stream(prompt, max_tokens=answer_tokens, **options):
+        for piece in stream:
             pieces.append(piece)
             yield piece
-        self._store_answer(session_id, question, "".join(pieces))
+        answer = stream.answer or Answer("".join(pieces), self.backend.name, "")
+        self._store_answer(session_id, question, answer_id, answer, prompt)
 
     def stats(self, session_id: str) -> Stats:
         """Turns, pages per mode now, cache use of a session."""

@@ -63,6 +63,18 @@ class Plan:
             + self.query_tokens + self.answer_tokens + self.overhead
         )
 
+    def positions(self) -> dict[str, int]:
+        """The context's positions by kind; they add up to `total`."""
+        return {
+            "pinned": self.pinned_tokens,
+            "vision": self.vision_tokens,
+            "labels": self.labels,
+            "text": self.text_tokens,
+            "query": self.query_tokens,
+            "answer": self.answer_tokens,
+            "prompt": self.overhead,
+        }
+
     @property
     def history_tokens(self) -> int:
         """The whole history as plain text (pinned and recent text plus every page's text)."""

@@ -131,3 +131,14 @@ def test_process_killed_while_encoding_loses_nothing(mem, checkpoint, tmp_path, 
     for page, tensor in zip(pages, ctx.segments):
         expected = encoder.encode(resumed.page_image("s", page), page.mode)
         torch.testing.assert_close(tensor, expected)
+
+
+def test_one_counter_before_and_after_the_model_loads(tmp_path, checkpoint, conversation):
+    mem = OpticalMemory(tmp_path / "m.sqlite3", model=checkpoint, device="cpu", policy=POLICY)
+    mem.extend("s", conversation(30))
+    before = mem.plan("s", "When do we launch?")
+    assert mem.backend._model is None  # planned with the checkpoint's tokenizer, no torch model
+    mem.context("s", "When do we launch?")  # loads the model
+    after = mem.plan("s", "When do we launch?")
+    assert before.counter == after.counter == mem.model.token_counter.name
+    assert before.to_dict() == after.to_dict()

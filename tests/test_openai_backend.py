@@ -296,3 +296,34 @@ def test_test_server_rejects_what_a_strict_server_rejects(openai_server):
     assert [m.id for m in client.models.list()] == [MODEL]
     reply = client.chat.completions.create(model=MODEL, messages=[ok])
     assert reply.choices[0].message.content == openai_server.reply
+
+
+@pytest.mark.parametrize("call", ["ask", "stream"])
+def test_a_retried_ask_stores_question_and_answer_once(openai_server, memory_file, call):
+    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url))
+    before = mem.store.turn_count(SESSION)
+
+    def run() -> str:
+        if call == "ask":
+            return mem.ask(SESSION, QUERY, turn_id="q-17").text
+        return "".join(mem.stream(SESSION, QUERY, turn_id="q-17"))
+
+    first, again = run(), run()
+    assert first == again == "The launch is on March 3rd."
+    assert len(openai_server.requests) == 1  # the retry reads the stored answer
+    turns = mem.turns(SESSION)
+    assert len(turns) == before + 2
+    assert [t.turn_id for t in turns[-2:]] == ["q-17", "q-17/answer"]
+
+
+def test_the_answer_names_its_turns_and_positions_by_kind(openai_server, memory_file):
+    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url))
+    plan = mem.plan(SESSION, QUERY)
+    answer = mem.ask(SESSION, QUERY)
+    turns = mem.turns(SESSION)
+    assert (answer.question_id, answer.answer_id) == (turns[-2].turn_id, turns[-1].turn_id)
+    assert answer.answer_id == f"{answer.question_id}/answer"
+    assert answer.positions == plan.positions()
+    assert sum(answer.positions.values()) == plan.total
+    assert answer.positions["vision"] == plan.vision_tokens > 0
+    assert answer.positions["pinned"] == plan.pinned_tokens > 0  # the system prompt

@@ -34,13 +34,17 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Answer:
-    """A backend's answer: its text, and the usage the model's server reported (if any)."""
+    """A backend's answer: its text and the usage its server reported (if any); from
+    `OpticalMemory.ask` also the turn ids stored and the context's positions by kind."""
 
     text: str
     backend: str
     model: str
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
+    question_id: str | None = None  # set by OpticalMemory.ask: the stored turns
+    answer_id: str | None = None
+    positions: dict[str, int] | None = None  # the context by kind (see Plan.positions)
 
     def __str__(self) -> str:
         return self.text
