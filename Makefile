@@ -1,4 +1,6 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Their set-up skips the installs while nothing they install has changed (see
+# scripts/setup.sh); SETUP_FORCE=1 installs again.
 PYTHON ?= python3
 
 .PHONY: setup setup-test demo test

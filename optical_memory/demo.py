@@ -114,6 +114,6 @@ def page_thumbnails(
     for page in tqdm(pages[::step], desc="rendering pages", unit="page", disable=not progress):
         image = mem.page_image(plan.session_id, page)
         size = (THUMBNAIL_PX, round(THUMBNAIL_PX * image.height / image.width))
-        thumbnails[page.index] = image.resize(size, Image.Resampling.LANCZOS)
+        thumbnails[page.index] = image.resize(size, Image.Resampling.BOX)  # area average
     sample = mem.page_image(plan.session_id, next((p for p in pages[::-1] if p.sealed), pages[-1]))
     return thumbnails, sample

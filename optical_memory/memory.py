@@ -27,6 +27,7 @@ from optical_memory.backends import Answer, Backend, Profile, Tier, get_profile,
 from optical_memory.backends.profiles import deepseek_ocr_profile
 from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key, encode_png
 from optical_memory.messages import (
+    IMAGE_SLOT,
     MAX_IMAGE_BYTES,
     Message,
     MessageError,
@@ -39,7 +40,7 @@ from optical_memory.plan import PagePlan, Plan
 from optical_memory.policy import Policy, solve
 from optical_memory.prompt import Prompt, PromptPage, format_query, format_turns, page_label
 from optical_memory.stores import CacheLimits, NewTurn, Store, Turn, open_store
-from optical_memory.stores.base import TurnConflictError, same_turn
+from optical_memory.stores.base import StoreUnavailableError, TurnConflictError, same_turn
 from optical_memory.tokens import TokenCounter, default_counter
 from optical_memory.transfer import read_jsonl, write_jsonl
 from renderers import RenderConfig, Renderer
@@ -256,7 +257,10 @@ class OpticalMemory:
         tool_call_id="call_1")`."""
         check_id(session_id, "session id")
         new = self._new_turn({"role": role, "content": content, **fields}, turn_id, "turn")
-        return self.store.append(session_id, [new])[0]
+        try:
+            return self.store.append(session_id, [new])[0]
+        except StoreUnavailableError as exc:
+            raise _with_turn_ids(exc, [new]) from exc
 
     def extend(
         self,
@@ -287,7 +291,10 @@ class OpticalMemory:
                     f"message {i}: turn id {new[i].turn_id!r} is also the id of message {j} "
                     "of this batch, with different content; nothing was stored"
                 )
-        return self.store.append(session_id, new) if new else []
+        try:
+            return self.store.append(session_id, new) if new else []
+        except StoreUnavailableError as exc:
+            raise _with_turn_ids(exc, new) from exc
 
     def _require(self, session_id: str) -> int:
         check_id(session_id, "session id")
@@ -506,12 +513,22 @@ class OpticalMemory:
             for p in plan.in_context()
         ]
         turns = self.store.turns(session_id, plan.text_start[0], plan.turns)
-        recent = [
-            (t.role, t.content[plan.text_start[1]:] if t.index == plan.text_start[0] else t.content)
-            for t in _unpinned(turns, plan.pinned, plan.text_start)
+        kept = _unpinned(turns, plan.pinned, plan.text_start)
+        begun, offset = plan.text_start  # the first recent turn may have begun on a page
+        recent = [(t.role, t.content[offset:] if t.index == begun else t.content) for t in kept]
+        recent_messages = [
+            {"role": t.role, "content": t.content[offset:].replace(IMAGE_SLOT, "[image]")}
+            if t.index == begun and offset > 0
+            else t.to_message()
+            for t in kept
         ]
-        pinned = [(t.role, t.content) for t in self._turns_at(session_id, plan.pinned)]
-        return Prompt(session_id, plan, pages, recent, query, self, pinned)
+        pinned_turns = self._turns_at(session_id, plan.pinned)
+        return Prompt(
+            session_id, plan, pages, recent, query, self,
+            pinned=[(t.role, t.content) for t in pinned_turns],
+            recent_messages=recent_messages,
+            pinned_messages=[t.to_message() for t in pinned_turns],
+        )
 
     def messages(
         self, session_id: str, query: str | None = None, budget: int | None = None
@@ -525,7 +542,7 @@ class OpticalMemory:
         """The page rendered at the configured canvas, from the cache or rendered (and cached) now."""
         record = self._record(session_id, page)
         key = cache_key(record.content_hash, record.fingerprint, IMAGE_MODE, "")
-        image = self.cache.get_image(session_id, key)
+        image = self.cache.get_image(session_id, key, size=(record.width, record.height))
         if image is None:
             image = self.pager.image(session_id, record)
             if record.sealed:
@@ -670,6 +687,16 @@ class OpticalMemory:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _with_turn_ids(exc: StoreUnavailableError, turns: Sequence[NewTurn]) -> StoreUnavailableError:
+    """The error of an append whose outcome is unknown, with the turn ids to retry with (one
+    per turn, in order, generated ones included), named in its message and in `turn_ids`."""
+    ids = [t.turn_id for t in turns]
+    shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return StoreUnavailableError(
+        f"{exc}; the turn ids to retry with (also in .turn_ids): {shown}", turn_ids=ids
+    )
 
 
 def _same_new(a: NewTurn, b: NewTurn) -> bool:

@@ -108,9 +108,9 @@ class Message:
     its data-URL images in order. Equal messages have equal JSON text.
     """
 
-    __slots__ = ("_data", "_images", "_json", "_slots", "_text", "turn_id")
+    __slots__ = ("_data", "_images", "_json", "_slots", "_text", "_verified", "turn_id")
 
-    def __init__(self, role: str, content: Any = _ABSENT, /, **fields: Any) -> None:
+    def __init__(self, role: str, content: Any = _ABSENT, **fields: Any) -> None:
         data: dict[str, Any] = {"role": role}
         if content is not _ABSENT:
             data["content"] = content
@@ -185,12 +185,23 @@ class Message:
 
     def check_images(self, where: str, max_bytes: int | None = MAX_IMAGE_BYTES) -> None:
         """Refuse a data-URL image over `max_bytes` (decoded), over Pillow's pixel limit (the
-        decompression-bomb guard) or that does not decode; the error names `where` and the part."""
+        decompression-bomb guard) or that does not decode, and other inline data (audio
+        `data`, a file's `file_data`) over `max_bytes`; the error names `where` and the part."""
+        _check_inline(self._data, where, max_bytes)
+        urls = _image_urls(self._data)
+        if self._verified:  # decoded once already: only the size limit is left to check
+            for (j, url), image in zip(urls, self.images()):
+                if max_bytes is not None and len(image.data) > max_bytes:
+                    decode_image(url, f"{where}: content[{j}]", max_bytes, verify=False)
+            return
         images = tuple(
-            decode_image(url, f"{where}: content[{j}]", max_bytes, verify=True)
-            for j, url in _image_urls(self._data)
+            decode_image(url, f"{where}: content[{j}]", max_bytes, verify=True) for j, url in urls
         )
         object.__setattr__(self, "_images", images)
+        object.__setattr__(self, "_verified", True)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _from_json, (self._json, self.turn_id)
 
     # --- value semantics -----------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -227,6 +238,7 @@ def _init(message: Message, data: dict[str, Any], where: str, turn_id: Any = Non
         ("_text", None),
         ("_slots", None),
         ("_images", None),
+        ("_verified", False),
         ("turn_id", turn_id),
     ):
         object.__setattr__(message, slot, value)
@@ -246,6 +258,13 @@ def parse_message(obj: Any, where: str = "message") -> Message:
     message = Message.__new__(Message)
     _init(message, data, where, turn_id)
     return message
+
+
+def _from_json(text: str, turn_id: str | None) -> Message:
+    obj = json.loads(text)
+    if turn_id is not None:
+        obj["turn_id"] = turn_id
+    return parse_message(obj)
 
 
 def render_text(message: Message | Mapping[str, Any]) -> str:
@@ -391,6 +410,22 @@ def _image_urls(data: Mapping[str, Any]) -> list[tuple[int, str]]:
     ]
 
 
+def _check_inline(data: Mapping[str, Any], where: str, max_bytes: int | None) -> None:
+    """Refuse base64 audio or file data of a content part over `max_bytes` (about, decoded)."""
+    content = data.get("content")
+    if max_bytes is None or not isinstance(content, list):
+        return
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        inner = part.get(kind) if kind in ("input_audio", "file") else None
+        payload = inner.get("data" if kind == "input_audio" else "file_data") if inner else None
+        if isinstance(payload, str) and len(payload) // 4 * 3 > max_bytes + 3:
+            raise MessageError(
+                f"{where}: content[{j}]: the {kind} data has about {len(payload) // 4 * 3:,} "
+                f"bytes, over the limit of {max_bytes:,} (max_image_bytes)"
+            )
+
+
 def decode_image(
     url: str, where: str, max_bytes: int | None = MAX_IMAGE_BYTES, verify: bool = True
 ) -> ImageData:
@@ -419,15 +454,19 @@ def decode_image(
             image = Image.open(io.BytesIO(raw))
             width, height = image.size
             if limit and width * height > limit:
-                raise Image.DecompressionBombError
+                raise Image.DecompressionBombError(f"{width}x{height} pixels")
             if image.format not in IMAGE_FORMATS:
                 raise MessageError(
                     f"{where}: the image is {image.format}, not PNG, JPEG, WebP or GIF"
                 )
             if verify:
                 image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            size = f"{image.size[0]}x{image.size[1]} pixels" if "image" in locals() else "too large"
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # ours names the size; Pillow's own (raised while opening) the number of pixels
+            found = re.search(r"(\d+x\d+ pixels)|Image size \((\d+) pixels\)", str(exc))
+            size = "too large"
+            if found:
+                size = found[1] or f"{int(found[2]):,} pixels"
             raise MessageError(
                 f"{where}: the image is {size}, over the limit of {limit:,} pixels "
                 "(Pillow's decompression-bomb guard, PIL.Image.MAX_IMAGE_PIXELS)"
@@ -646,7 +685,7 @@ def _parse_jsonl(text: str, name: str) -> list[Message]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MessageError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from None
-        messages.append(parse_message(obj, where))
+        messages.append(_checked(parse_message(obj, where), where))
     return messages
 
 
@@ -659,7 +698,16 @@ def _parse_array(text: str, name: str) -> list[Message]:
         ) from None
     if not isinstance(data, list):
         raise MessageError(f"{name}: expected a JSON array of messages, got {_json_type(data)}")
-    return [parse_message(obj, f"{name}: message {i}") for i, obj in enumerate(data)]
+    return [
+        _checked(parse_message(obj, f"{name}: message {i}"), f"{name}: message {i}")
+        for i, obj in enumerate(data)
+    ]
+
+
+def _checked(message: Message, where: str) -> Message:
+    """The message, its data-URL images decoded (any size; the memory bounds them)."""
+    message.check_images(where, None)
+    return message
 
 
 def _json_type(value: Any) -> str:

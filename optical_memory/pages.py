@@ -100,10 +100,9 @@ class Pager:
     def __init__(self, store: Store, renderer: Renderer):
         self.store = store
         self.renderer = renderer
-        # Per session: (pages end, window start, pinned, open page). Pure layout, recomputable.
-        self._open: dict[
-            str, tuple[tuple[int, int], int, frozenset[int], PageRecord | None]
-        ] = {}
+        # Per session: ((generation, pages end, window start, pinned), open page). Pure
+        # layout, recomputable; a new generation (the session deleted and created again) misses.
+        self._open: dict[str, tuple[tuple[Any, ...], PageRecord | None]] = {}
 
     def sealed(self, session_id: str) -> list[PageRecord]:
         records = [PageRecord.from_json(r) for r in self.store.pages(session_id)]
@@ -125,13 +124,15 @@ class Pager:
         """
         pins = frozenset(pinned)
         while True:
+            generation = self.store.generation(session_id)
             records = self.sealed(session_id)
             end = records[-1].end if records else (0, 0)
             if end[0] >= window_start:
                 return records, None
+            key = (generation, end, window_start, pins)
             memo = self._open.get(session_id)
-            if memo is not None and memo[:2] == (end, window_start, pins):
-                return records, memo[3]
+            if memo is not None and memo[0] == key:
+                return records, memo[1]
             older = [
                 t for t in self.store.turns(session_id, end[0], window_start)
                 if t.index not in pins or (t.index == end[0] and end[1] > 0)
@@ -145,14 +146,14 @@ class Pager:
             full = [r for r in fresh if r.sealed]
             open_page = next((r for r in fresh if not r.sealed), None)
             if not full:
-                self._open[session_id] = (end, window_start, pins, open_page)
+                self._open[session_id] = (key, open_page)
                 return records, open_page
-            if self.store.add_pages(
-                session_id, len(records), [r.to_json() for r in full], cursor=window_start
-            ):
-                self._open[session_id] = (full[-1].end, window_start, pins, open_page)
+            pages = [r.to_json() for r in full]
+            if self.store.add_pages(session_id, len(records), pages, window_start, generation):
+                self._open[session_id] = ((generation, full[-1].end, window_start, pins), open_page)
                 return records + full, open_page
-            # another writer sealed pages first: read theirs and continue from there
+            # another writer sealed pages first, or the session was deleted (and perhaps
+            # created again) meanwhile: read what is there now and continue from there
 
     def text_of(self, record: PageRecord, turns: Sequence[Turn]) -> list[str]:
         """The contents the page holds (as the renderer counts them), given turns from its first on."""

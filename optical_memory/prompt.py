@@ -16,12 +16,12 @@ from PIL import Image
 
 from optical_memory.backends.profiles import Tier
 from optical_memory.cache import VisionCache
+from optical_memory.messages import chat_messages
 from optical_memory.pages import PageRecord
 from optical_memory.plan import PagePlan, Plan
 from optical_memory.stores import Store
 
 PAGES_INTRO = "Earlier in this conversation (pages of the transcript, oldest first):"
-CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 def format_turns(turns: Iterable[Any], first_offset: int = 0) -> str:
@@ -55,13 +55,6 @@ def page_label(page: PagePlan, now: float | None = None) -> str:
     turns = f"turn {first}" if first == last else f"turns {first}-{last}"
     age = age_text(max(0.0, (time.time() if now is None else now) - page.newest_time))
     return f"{turns}, {age}"
-
-
-def chat_message(role: str, content: str) -> dict[str, str]:
-    """A recent turn as a chat message; a tool result without its call id becomes a user turn."""
-    if role in CHAT_ROLES:
-        return {"role": role, "content": content}
-    return {"role": "user", "content": f"[{role}] {content}"}
 
 
 class PageSource(Protocol):
@@ -106,6 +99,10 @@ class Prompt:
     query: str | None
     memory: PageSource = field(repr=False)
     pinned: list[tuple[str, str]] = field(default_factory=list)
+    # the same turns as the messages they were given as (tool calls, tool call ids, parts
+    # intact); a turn a page has begun is {"role", "content": the rest of its render text}
+    recent_messages: list[dict[str, Any]] = field(default_factory=list)
+    pinned_messages: list[dict[str, Any]] = field(default_factory=list)
 
     def recent_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.recent)
@@ -118,9 +115,10 @@ class Prompt:
         return self.memory.page_pngs(self.session_id, [(p.record, p.tier) for p in self.pages])
 
     def messages(self) -> list[dict[str, Any]]:
-        """OpenAI chat messages: pinned text, one user message of labelled page images (PNG
-        data URLs at each page's tier geometry, oldest first), the recent turns, the query."""
-        out: list[dict[str, Any]] = [chat_message(r, c) for r, c in self.pinned]
+        """OpenAI chat messages: the pinned turns, one user message of labelled page images
+        (PNG data URLs at each page's tier geometry, oldest first), the recent turns as they
+        were given (see `messages.chat_messages` for what a chat API cannot take), the query."""
+        out = chat_messages(self.pinned_messages)
         if self.pages:
             parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
             for page, png in zip(self.pages, self.page_pngs()):
@@ -130,7 +128,7 @@ class Prompt:
                 parts.append({"type": "text", "text": page.label})
                 parts.append({"type": "image_url", "image_url": image})
             out.append({"role": "user", "content": parts})
-        out.extend(chat_message(r, c) for r, c in self.recent)
+        out.extend(chat_messages(self.recent_messages))
         if self.query:
             out.append({"role": "user", "content": self.query})
         return out

@@ -17,7 +17,7 @@ import redis
 
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy
-from optical_memory.stores import StoreUnavailableError
+from optical_memory.stores import DataLossError, StoreUnavailableError
 from optical_memory.stores.redis import RedisStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +189,12 @@ def test_redis_unreachable_then_back(own_redis):
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         mem.plan("s")
 
-    own_redis.start()  # restarted without persistence: the same client works again
-    mem.append("s", "user", "again", turn_id="t4")
-    assert [t.content for t in mem.turns("s")] == ["again"]
+    own_redis.start()  # restarted without persistence: the turns are gone, and the client
+    with pytest.raises(DataLossError, match="marker 'rel:store' is gone"):  # says so
+        mem.append("s", "user", "again", turn_id="t4")
+    with pytest.raises(DataLossError):  # from then on, reads included
+        mem.turns("s")
+    # a new store on the emptied server starts afresh
+    fresh = OpticalMemory(RedisStore(url, prefix="rel", timeout_s=0.5))
+    fresh.append("s", "user", "again", turn_id="t4")
+    assert [t.content for t in fresh.turns("s")] == ["again"]

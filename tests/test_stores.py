@@ -60,7 +60,7 @@ def test_sessions_are_isolated_even_with_key_like_ids(store):
 def test_delete_removes_session_and_derived_data(store):
     store.append("s", turns(("user", "hi")))
     store.append("keep", turns(("user", "stay")))
-    store.add_pages("s", 0, [{"index": 0}], cursor=1)
+    assert store.add_pages("s", 0, [{"index": 0}], cursor=1, generation=store.generation("s"))
     store.cache_put("s", "k", b"value")
     assert store.delete("s") is True
     assert store.delete("s") is False
@@ -71,11 +71,29 @@ def test_delete_removes_session_and_derived_data(store):
 
 
 def test_pages_are_appended_with_compare_and_set(store):
-    assert store.add_pages("s", 0, [{"index": 0, "h": "a"}, {"index": 1, "h": "b"}], cursor=7)
-    assert not store.add_pages("s", 0, [{"index": 0, "h": "other"}], cursor=9)
-    assert store.add_pages("s", 2, [], cursor=12)
+    store.append("s", turns(("user", "hi")))
+    gen = store.generation("s")
+    assert gen and store.generation("s") == gen
+    assert store.add_pages("s", 0, [{"index": 0, "h": "a"}, {"index": 1, "h": "b"}], 7, gen)
+    assert not store.add_pages("s", 0, [{"index": 0, "h": "other"}], 9, gen)
+    assert store.add_pages("s", 2, [], 12, gen)
     assert [p["h"] for p in store.pages("s")] == ["a", "b"]
     assert store.info("s").cursor == 12
+
+
+def test_a_new_life_of_a_session_refuses_pages_of_the_old(store):
+    assert store.generation("s") == ""  # no session, no generation
+    store.append("s", turns(("user", "old")))
+    old = store.generation("s")
+    store.delete("s")
+    assert store.generation("s") == ""
+    assert not store.add_pages("s", 0, [{"index": 0}], 1, old)  # deleted: nothing written
+    store.append("s", turns(("user", "new")))
+    new = store.generation("s")
+    assert new and new != old
+    assert not store.add_pages("s", 0, [{"index": 0}], 1, old)
+    assert store.pages("s") == []
+    assert store.add_pages("s", 0, [{"index": 0}], 1, new)
 
 
 def test_cache_round_trip_and_counters(store):
@@ -85,6 +103,9 @@ def test_cache_round_trip_and_counters(store):
     assert store.cache_get("s", "k") == payload
     store.cache_delete("s", "k")
     assert store.cache_get("s", "k") is None
+    store.count_cache("s", hits=3, misses=2)  # no session: nothing to count, no orphan row
+    assert (store.info("s").cache_hits, store.info("s").cache_misses) == (0, 0)
+    store.append("s", turns(("user", "hi")))
     store.count_cache("s", hits=3, misses=2)
     store.count_cache("s", hits=1)
     info = store.info("s")
@@ -119,7 +140,7 @@ def test_cache_entries_expire_after_ttl(store_factory):
 
 def test_info_counts_turns_pages_and_bytes(store):
     store.append("s", turns(("user", "héllo"), ("assistant", "ok")))
-    store.add_pages("s", 0, [{"index": 0}], cursor=2)
+    assert store.add_pages("s", 0, [{"index": 0}], 2, store.generation("s"))
     store.cache_put("s", "k", b"12345")
     info = store.info("s")
     assert (info.turns, info.pages, info.cursor) == (2, 1, 2)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from optical_memory.memory import OpticalMemory
@@ -150,51 +150,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_with_ids(source: str) -> tuple[list[Any], list[str | None]]:
-    """The messages of a transcript as `load_transcript` gives them, and the "turn_id" of each
-    (None where a message has none). The source is read once (standard input included)."""
-    import io
-    import json
-    from collections.abc import Mapping
-
-    from optical_memory.messages import MessageError, load_transcript
-
-    raw = None
-    if source == "-":
-        raw, stdin = sys.stdin.buffer.read(), sys.stdin
-        sys.stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
-        try:
-            messages = load_transcript("-")
-        finally:
-            sys.stdin = stdin
-    else:
-        messages = load_transcript(source)
-    if all(isinstance(m, Mapping) or hasattr(m, "turn_id") for m in messages):
-        ids = [m.get("turn_id") if isinstance(m, Mapping) else m.turn_id for m in messages]
-        return messages, ids
-    # messages that do not carry their turn ids: read them from the objects of the source
-    text = (raw if raw is not None else Path(source).read_bytes()).decode("utf-8")
-    text = text.removeprefix("\ufeff")
-    if text.lstrip().startswith("["):
-        objects = json.loads(text)
-    else:
-        objects = [json.loads(line) for line in text.split("\n") if line.strip()]
-    if len(objects) != len(messages):
-        raise MessageError(f"{source}: changed while it was read; nothing was stored")
-    return messages, [o.get("turn_id") if isinstance(o, Mapping) else None for o in objects]
-
-
 def _ingest(args: argparse.Namespace) -> int:
+    from optical_memory.messages import load_transcript
     from optical_memory.stores import TurnConflictError
 
-    messages, ids = _load_with_ids(args.transcript)  # read first: a bad file creates no store
+    # read first: a bad file creates no store. Each message keeps the "turn_id" it carries,
+    # which extend honours: a message already stored under its id is not stored twice.
+    messages = load_transcript(args.transcript)
     with _open_memory(args) as mem:
         before = mem.store.turn_count(args.session) if messages else 0
         try:
-            stored = mem.extend(
-                args.session, messages, turn_ids=ids if any(i is not None for i in ids) else None
-            )
+            stored = mem.extend(args.session, messages)
         except TurnConflictError as exc:
+            if "nothing" in str(exc):
+                raise
             raise TurnConflictError(
                 f"{exc}; nothing of {args.transcript} was stored (a transcript is stored in one "
                 "batch: all of it or nothing)"

@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from optical_memory.stores.base import (
     CacheLimits,
+    DataLossError,
     NewTurn,
     SessionInfo,
     Store,
+    StoreConfigError,
     StoreError,
     StoreUnavailableError,
+    StoreWarning,
     Turn,
     TurnConflictError,
 )
@@ -22,11 +25,14 @@ __all__ = [
     "STORE_ENV",
     "STORE_FORMS",
     "CacheLimits",
+    "DataLossError",
     "NewTurn",
     "SessionInfo",
     "Store",
+    "StoreConfigError",
     "StoreError",
     "StoreUnavailableError",
+    "StoreWarning",
     "Turn",
     "TurnConflictError",
     "default_path",
@@ -46,7 +52,8 @@ def default_path() -> Path:
 
 STORE_ENV = "OPTICAL_MEMORY_STORE"
 STORE_FORMS = (
-    "redis://[:password@]host[:port][/db], rediss://... (TLS), unix:///path/to/redis.sock, "
+    "redis://[:password@]host[:port][/db][?cache=DB|URL], rediss://... (TLS), "
+    "unix:///path/to/redis.sock, "
     "sqlite:///absolute/path, sqlite://relative/path, or a file path"
 )
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -86,30 +93,54 @@ def parse_store_url(store: str | os.PathLike) -> tuple[str, str]:
     if scheme == "unix":
         if not parts.path or parts.path == "/":
             raise bad("no socket path after 'unix://'")
-        return "redis", store
-    try:
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
-    except ValueError:
-        raise bad("the port must be a number from 0 to 65535") from None
-    if not re.fullmatch(r"/?(\d+/?)?", parts.path):
-        raise bad(f"the database must be a number, got {parts.path.lstrip('/')!r}")
+    else:
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+        except ValueError:
+            raise bad("the port must be a number from 0 to 65535") from None
+        if not re.fullmatch(r"/?(\d+/?)?", parts.path):
+            raise bad(f"the database must be a number, got {parts.path.lstrip('/')!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    caches = [value for key, value in query if key == "cache"]
+    if len(caches) > 1:
+        raise bad("'cache=' is given more than once")
+    if caches and not caches[0].isdigit():
+        try:
+            kind, _ = parse_store_url(caches[0])
+        except ValueError:
+            kind = ""
+        if kind != "redis" or "cache=" in urlsplit(caches[0]).query:
+            raise bad(
+                "'cache=' takes a database number or a redis://, rediss:// or unix:// URL "
+                "(percent-encoded if it has a query of its own), without a cache of its own"
+            )
     return "redis", store
 
 
 def open_store(
-    store: str | os.PathLike | Store | None = None, cache: CacheLimits | None = None
+    store: str | os.PathLike | Store | None = None,
+    cache: CacheLimits | None = None,
+    cache_url: str | None = None,
 ) -> Store:
     """A store from a URL or path; see `parse_store_url` (nothing is created for a bad one).
 
     None: $OPTICAL_MEMORY_STORE if set, else the embedded default file (`default_path`).
     `redis://host:port/db`, `rediss://...` or `unix:///socket`: Redis. `sqlite:///abs/path`,
     `sqlite://relative/path` or a plain path: an SQLite file there.
+
+    `cache_url` (Redis only; in a URL also `?cache=...`): where the vision-token cache lives
+    when not beside the turn log, a Redis URL or a database number on the same server; see
+    `RedisStore`.
     """
     if isinstance(store, Store):
+        if cache_url is not None:
+            raise ValueError("cache_url= applies to a store opened from a URL, not to a Store")
         return store
     if store is None:
         store = os.environ.get(STORE_ENV) or None
         if store is None:
+            if cache_url is not None:
+                raise ValueError("cache_url= is for Redis stores; the default store is SQLite")
             from optical_memory.stores.sqlite import SQLiteStore
 
             return SQLiteStore(default_path(), cache=cache)
@@ -122,7 +153,9 @@ def open_store(
     if kind == "redis":
         from optical_memory.stores.redis import RedisStore
 
-        return RedisStore(target, cache=cache)
+        return RedisStore(target, cache=cache, cache_url=cache_url)
+    if cache_url is not None:
+        raise ValueError("cache_url= is for Redis stores: an SQLite store keeps its cache inside")
     from optical_memory.stores.sqlite import SQLiteStore
 
     return SQLiteStore(target, cache=cache)

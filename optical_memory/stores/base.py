@@ -33,7 +33,32 @@ class StoreError(RuntimeError):
 
 
 class StoreUnavailableError(StoreError):
-    """The store's server cannot be reached; nothing of the failed call is reported stored."""
+    """The store's server cannot be reached or did not answer in time.
+
+    After a read nothing changed. After a write the outcome is unknown: the server may have
+    done it (a command sent before a timeout still runs when the server wakes). `turn_ids`:
+    for a failed append, the ids of its turns, one per turn in order (also those generated
+    for turns given without one); retrying with them stores each turn exactly once.
+    """
+
+    def __init__(self, message: str, turn_ids: Sequence[str] = ()):
+        super().__init__(message)
+        self.turn_ids: tuple[str, ...] = tuple(turn_ids)
+
+
+class DataLossError(StoreError):
+    """The store's data vanished or went back in time under a client that had seen it: a
+    server flushed, or restarted without persistence, or from an older snapshot. The store
+    refuses to go on as if it were new; nothing of the failed call was read or written."""
+
+
+class StoreConfigError(StoreError):
+    """The store's server is configured so that it could drop turns silently (a Redis
+    `maxmemory-policy` that may evict the turn log); nothing was read or written."""
+
+
+class StoreWarning(UserWarning):
+    """A store could not check something it checks at connect (e.g. Redis refuses CONFIG)."""
 
 
 class TurnConflictError(StoreError, ValueError):
@@ -261,12 +286,24 @@ class Store(ABC):
         """Page records in order."""
 
     @abstractmethod
-    def add_pages(
-        self, session_id: str, expected: int, pages: Sequence[dict[str, Any]], cursor: int
-    ) -> bool:
-        """Append page records and set the paging cursor, only if exactly `expected` pages exist.
+    def generation(self, session_id: str) -> str:
+        """A token naming this life of the session: a delete ends it, and a session created
+        again under the same id gets another. Every page write is conditional on it."""
 
-        Returns False (and changes nothing) when another writer got there first.
+    @abstractmethod
+    def add_pages(
+        self,
+        session_id: str,
+        expected: int,
+        pages: Sequence[dict[str, Any]],
+        cursor: int,
+        generation: str,
+    ) -> bool:
+        """Append page records and set the paging cursor, only if exactly `expected` pages exist
+        and the session is still in `generation`.
+
+        Returns False (and changes nothing) when another writer got there first or the session
+        was deleted (and perhaps created again) since.
         """
 
     # --- vision-token cache ---------------------------------------------------------

@@ -13,10 +13,20 @@ shard and the Lua scripts below touch one slot only:
     P:{T}:pages    list of page records (JSON)
     P:{T}:lru      sorted set: cache key -> last use; P:{T}:csize hash: cache key -> bytes
     P:{T}:c:<key>  one cache value
-    P:sessions     set of session ids (the only key outside a session's slot)
+    P:sessions     set of session ids (outside the sessions' slots)
+    P:store        hash: the store's marker: a random id, its creation time and a write
+                   counter (`seq`, bumped by every append), written at the first append
 
 Appends are one Lua script: conflicts are checked before anything is written, so
 a failed append writes nothing. Durability is the server's (AOF `appendfsync`).
+
+The cache keys (lru, csize, c:) live on the cache's server and database when one
+is given (`cache_url`, `?cache=` in the URL), the others always beside the turn log.
+Nothing guards the turn log from eviction but the server's `maxmemory-policy`: it
+is read at first use and an `allkeys-*` policy is refused. The marker is how a
+client notices that data it saw has vanished (a flush, a restart without
+persistence, an older snapshot): it is checked on every new connection and before
+every append, and a marker gone, replaced or gone back is a DataLossError.
 """
 
 from __future__ import annotations
@@ -24,18 +34,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
 from optical_memory.stores.base import (
     CacheLimits,
+    DataLossError,
     NewTurn,
     SessionInfo,
     Store,
+    StoreConfigError,
     StoreError,
     StoreUnavailableError,
+    StoreWarning,
     Turn,
     check_batch,
     conflict,
@@ -85,9 +102,26 @@ return idx
 
 # KEYS: pages, meta. ARGV: expected count, cursor, records...
 _ADD_PAGES = """
+if redis.call('HGET', KEYS[2], 'gen') ~= ARGV[3] then return 0 end
 if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('HSET', KEYS[2], 'cursor', ARGV[2])
+return 1
+"""
+
+# KEYS: turns, meta. ARGV: a fresh token. The session's generation, set on first use; '' when
+# the session holds no turns (a session deleted meanwhile gets no orphan meta).
+_GENERATION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
+redis.call('HSETNX', KEYS[2], 'gen', ARGV[1])
+return redis.call('HGET', KEYS[2], 'gen')
+"""
+
+# KEYS: turns, meta. ARGV: hits, misses. Only for a live session: no orphan meta after a delete.
+_COUNT_CACHE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'hits', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'misses', ARGV[2])
 return 1
 """
 
@@ -146,8 +180,49 @@ def _digest(role: str, content: str, message_json: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _split_cache_url(url: str) -> tuple[str, str | None]:
+    """`url` without its `cache=` query parameter, and that parameter (None: none given)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    found = [value for key, value in query if key == "cache"]
+    if not found:
+        return url, None
+    if len(found) > 1:
+        raise ValueError("a Redis store URL may give 'cache=' once only")
+    rest = urlencode([(key, value) for key, value in query if key != "cache"])
+    return urlunsplit(parts._replace(query=rest)), found[0]
+
+
+def _with_db(url: str, db: int) -> str:
+    """The URL of database `db` on the server of `url`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
+    if parts.scheme == "unix":
+        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisStore(Store):
-    """A store in the Redis server at `url` (redis://host:port/db), or on a given client."""
+    """A store in the Redis server at `url` (redis://host:port/db), or on a given client.
+
+    `cache_url`: where the vision-token cache lives when not beside the turn log: a Redis
+    URL, or a database number on the same server; in a store URL `?cache=URL` or
+    `?cache=DB` (e.g. `redis://10.0.0.5:6379/0?cache=redis://10.0.0.6:6379/0`). Another
+    database of the same server shares that server's memory and eviction policy: to let
+    the cache be evicted, give it a server of its own (with `allkeys-lru` there).
+
+    At first use the store reads the turn log's server's `maxmemory-policy` (CONFIG GET,
+    else INFO) and refuses an `allkeys-*` policy, which may evict the turn log
+    (`StoreConfigError`); when the server answers neither, a `StoreWarning` says so.
+    A client that saw the store's marker (key `P:store`) and finds it gone, replaced or
+    gone back raises `DataLossError`, now and on every later call, instead of starting over;
+    it checks on every new connection and before every append. With `client=` the
+    connection check is not installed: appends still check, reads do not.
+    """
 
     def __init__(
         self,
@@ -157,42 +232,236 @@ class RedisStore(Store):
         cache: CacheLimits | None = None,
         client: redis.Redis | None = None,
         timeout_s: float = 5.0,
+        cache_url: str | None = None,
     ):
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"Redis key prefix must be non-empty and free of braces, got {prefix!r}")
+        url, in_url = _split_cache_url(url)
+        if in_url is not None and cache_url is not None:
+            raise ValueError("the cache's URL is given twice: cache_url= and ?cache= in the URL")
+        cache_url = in_url if cache_url is None else cache_url
+        if cache_url is not None and cache_url.isdigit():
+            cache_url = _with_db(url, int(cache_url))
         self.url = url
+        self.cache_url = cache_url  # None: the cache lives beside the turn log
         self.prefix = prefix
         self.limits = cache or CacheLimits()
+        self.eviction_policy: str | None = None  # the server's maxmemory-policy, once read
+        self._marker = f"{prefix}:store"
+        self._state = threading.RLock()  # guards what this client knows of the marker
+        self._checked = False  # the first-use checks passed
+        self._lost: str | None = None  # why the store lost data (every call raises it)
+        self._store_id: str | None = None  # the marker's id, once seen
+        self._seq = 0  # the highest write counter seen
+        options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
         self._r = client or redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url, redis_connect_func=self._on_connect, **options
         )
+        self._c = self._r if cache_url is None else redis.Redis.from_url(cache_url, **options)
         self._append = self._r.register_script(_APPEND)
         self._add_pages = self._r.register_script(_ADD_PAGES)
-        self._cache_get = self._r.register_script(_CACHE_GET)
-        self._cache_put = self._r.register_script(_CACHE_PUT)
+        self._cache_get = self._c.register_script(_CACHE_GET)
+        self._cache_put = self._c.register_script(_CACHE_PUT)
 
     def _key(self, session_id: str, part: str) -> str:
         return f"{self.prefix}:{{{session_key(session_id)}}}:{part}"
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], url: str | None = None) -> T:
+        """Run `fn` (on the server at `url`, default the turn log's) after the first-use checks;
+        Redis errors become store errors saying whether a read or a write failed."""
+        if self._lost:
+            raise DataLossError(self._lost)
+        server = self.url
         try:
+            self._ready()
+            server = url or self.url
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if what in _READS or what.startswith("read "):
                 raise StoreUnavailableError(
-                    f"Redis at {self.url} is unreachable during a read ({what}): nothing could "
+                    f"Redis at {server} is unreachable during a read ({what}): nothing could "
                     f"be read; a read changes nothing, so try again when it is back ({exc})"
                 ) from exc
+            advice = (
+                "the turns may have been stored; retry with the same turn ids when it is back "
+                "(a retry stores nothing twice)"
+                if what == "append"
+                else "it may have been done"
+            )
             raise StoreUnavailableError(
-                f"Redis at {self.url} is unreachable during a write ({what}); nothing of it is "
-                f"reported stored, retry with the same turn ids when it is back ({exc})"
+                f"Redis at {server} is unreachable during a write ({what}): its outcome is "
+                f"unknown, {advice} ({exc})"
             ) from exc
         except redis.ResponseError as exc:
             if "TURNCONFLICT" in str(exc):
                 raise
-            raise StoreError(f"Redis at {self.url} refused {what}: {exc}") from exc
+            raise StoreError(f"Redis at {server} refused {what}: {exc}") from exc
         except redis.RedisError as exc:
-            raise StoreError(f"Redis at {self.url} failed during {what}: {exc}") from exc
+            raise StoreError(f"Redis at {server} failed during {what}: {exc}") from exc
+
+    # --- first use, connections and the marker --------------------------------------
+    def _ready(self) -> None:
+        """The first-use checks: an eviction policy that spares the turn log, then the marker."""
+        if self._checked:
+            return
+        with self._state:
+            if not self._checked:
+                self._check_eviction()
+                self._check_marker(create=False)
+                self._checked = True
+
+    def _check_eviction(self) -> None:
+        """Refuse a server whose `maxmemory-policy` may evict the turn log (`allkeys-*`)."""
+        policy, limit, unknown = self._eviction_settings()
+        self.eviction_policy = policy
+        if policy is None:
+            warnings.warn(
+                StoreWarning(
+                    f"Redis at {self.url}: cannot check maxmemory-policy: {unknown}; it is not "
+                    "assumed either way. The turn log is safe from eviction only under "
+                    "noeviction or a volatile-* policy (its keys carry no TTL): make sure the "
+                    "server uses one"
+                ),
+                stacklevel=5,
+            )
+            return
+        if policy.startswith("allkeys-"):
+            at = f"maxmemory, {limit:,} bytes now" if limit else "maxmemory (unset now)"
+            raise StoreConfigError(
+                f"Redis at {self.url} has maxmemory-policy {policy}: at {at} it may evict any "
+                "key, the turn log included, and turns would vanish silently; not using it. "
+                "Set noeviction (or a volatile-* policy: it evicts only keys with a TTL, and "
+                "the turn log has none) on this server, with CONFIG SET maxmemory-policy "
+                "noeviction and in redis.conf. To let the vision cache be evicted, give it a "
+                "server of its own (allkeys-lru there): cache_url= or ?cache=redis://HOST:PORT/DB "
+                "(another database of this server shares its memory and its eviction)"
+            )
+
+    def _eviction_settings(self) -> tuple[str | None, int, str]:
+        """(maxmemory-policy, maxmemory) from CONFIG GET, else INFO memory; (None, 0, why)
+        when the server gives neither (CONFIG renamed away or refused by an ACL)."""
+        try:
+            got = {_text(k): _text(v) for k, v in self._r.config_get("maxmemory*").items()}
+            if got.get("maxmemory-policy"):
+                return got["maxmemory-policy"], int(got.get("maxmemory") or 0), ""
+            refused = "CONFIG GET gives no maxmemory-policy"
+        except redis.ResponseError as exc:
+            refused = f"CONFIG GET is refused ({exc})"
+        try:
+            info = self._r.info("memory")
+        except redis.ResponseError as exc:
+            return None, 0, f"{refused}, and so is INFO ({exc})"
+        if info.get("maxmemory_policy"):
+            return str(info["maxmemory_policy"]), int(info.get("maxmemory") or 0), ""
+        return None, 0, f"{refused}, and INFO memory gives no maxmemory_policy"
+
+    def _on_connect(self, connection: Any) -> None:
+        """redis-py runs this on every new connection to the turn log's server, before any
+        command of ours: a server that came back empty or from an older snapshot is caught
+        before anything is read or written through it."""
+        connection.on_connect()
+        connection.send_command("HMGET", self._marker, "id", "seq")
+        found_id, found_seq = connection.read_response()
+        try:
+            self._verify(found_id, found_seq)
+        except DataLossError:
+            connection.disconnect()
+            raise
+
+    def _verify(self, found_id: bytes | str | None, found_seq: bytes | str | None) -> None:
+        """Compare the marker as found with what this client saw; remember it the first time."""
+        store_id, seq = _text(found_id), int(found_seq or 0)
+        with self._state:
+            if self._lost:
+                raise DataLossError(self._lost)
+            if self._store_id is None:
+                if store_id is not None:
+                    self._store_id, self._seq = store_id, seq
+                return
+            if store_id is None:
+                why = (
+                    f"its marker {self._marker!r} is gone: the server was flushed or restarted "
+                    "without persistence, or the key was deleted"
+                )
+            elif store_id != self._store_id:
+                why = (
+                    f"its marker names another store ({store_id}, not {self._store_id}): the "
+                    "data was wiped and the store created again"
+                )
+            elif seq < self._seq:
+                why = (
+                    f"its write counter went back from {self._seq} to {seq}: the server came "
+                    "back from an older snapshot (RDB only, or an AOF not synced before a "
+                    "crash) or failed over to a replica that was behind"
+                )
+            else:
+                self._seq = seq
+                return
+            self._lose(why)
+
+    def _lose(self, why: str) -> None:
+        self._lost = (
+            f"Redis at {self.url} lost acknowledged turns: {why}. This store refuses to read "
+            "or write as if it were new: restore the data (a backup, the AOF) or accept the "
+            "loss, then open a new store"
+        )
+        raise DataLossError(self._lost)
+
+    def _check_marker(self, create: bool, script: Any = None) -> None:
+        """Check the marker; where there is none, adopt sessions of a version without markers,
+        refuse sessions written under a marker, or (`create`) write the marker of a new store.
+        In the same round trip, load `script` (a registered Script) if the server lacks it."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self._marker, "id", "seq")
+        pipe.exists(f"{self.prefix}:sessions")
+        if script is not None:
+            pipe.script_exists(script.sha)
+        (found_id, found_seq), has_data, *loaded = pipe.execute()
+        if loaded and not loaded[0][0]:
+            self._r.script_load(script.script)
+        self._verify(found_id, found_seq)  # no marker where this client saw one: DataLossError
+        if found_id is not None:
+            return
+        if has_data:
+            self._adopt_or_refuse()
+        elif create:
+            self._create_marker()
+
+    def _adopt_or_refuse(self) -> None:
+        """Sessions but no marker. Sessions record the marker they were written under: any
+        such session means the marker was lost (DataLossError); none, an earlier version wrote
+        them, and the marker is written now."""
+        ids = [_text(sid) for sid in self._r.sscan_iter(f"{self.prefix}:sessions", count=1000)]
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            pipe = self._r.pipeline(transaction=False)
+            for sid in chunk:
+                pipe.hget(self._key(sid, "meta"), "store")
+            for sid, owner in zip(chunk, pipe.execute()):
+                if owner is not None:
+                    with self._state:
+                        self._lose(
+                            f"it holds sessions written under store {_text(owner)} (e.g. "
+                            f"{sid!r}) but its marker {self._marker!r} is gone"
+                        )
+        self._create_marker(adopted=True)
+
+    def _create_marker(self, adopted: bool = False) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hsetnx(self._marker, "id", uuid.uuid4().hex)
+        pipe.hsetnx(self._marker, "created", repr(now()))
+        pipe.hsetnx(self._marker, "seq", 0)
+        if adopted:
+            pipe.hsetnx(self._marker, "adopted", "sessions of a version without a marker")
+        pipe.hmget(self._marker, "id", "seq")
+        self._verify(*pipe.execute()[-1])  # another client's marker if it came first
+
+    def _saw_seq(self, seq: int) -> None:
+        with self._state:
+            self._seq = max(self._seq, int(seq))
 
     # --- turn log -------------------------------------------------------------------
     def append(self, session_id: str, turns: Sequence[NewTurn]) -> list[Turn]:
@@ -218,11 +487,24 @@ class RedisStore(Store):
             ]
         keys = [self._key(session_id, p) for p in ("turns", "ids", "meta")]
 
-        def run() -> list[int]:  # one round trip: register the id, then the append script
+        def send() -> list[Any]:  # one round trip, the only one that writes
             pipe = self._r.pipeline(transaction=False)
             pipe.sadd(f"{self.prefix}:sessions", session_id)
-            self._append(keys=keys, args=args, client=pipe)
-            return pipe.execute()[1]
+            pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+            pipe.hsetnx(self._key(session_id, "meta"), "store", self._store_id)
+            pipe.hincrby(self._marker, "seq", 1)
+            return pipe.execute()
+
+        def run() -> list[int]:
+            # first the marker (a store that lost data gets nothing written) and the script
+            self._check_marker(create=True, script=self._append)
+            try:
+                done = send()
+            except redis.exceptions.NoScriptError:  # the server's scripts flushed meanwhile
+                self._r.script_load(_APPEND)
+                done = send()
+            self._saw_seq(done[3])
+            return done[1]
 
         try:
             indices = self._call("append", run)
@@ -278,10 +560,15 @@ class RedisStore(Store):
     def delete(self, session_id: str) -> bool:
         existed = self.turn_count(session_id) > 0
         lru = self._key(session_id, "lru")
-        cached = self._call("delete", lambda: self._r.zrange(lru, 0, -1))
-        parts = ("meta", "turns", "ids", "pages", "pins", "lru", "csize")
+        cached = self._call("delete", lambda: self._c.zrange(lru, 0, -1), self.cache_url)
+        parts = ("meta", "turns", "ids", "pages", "pins")
         keys = [self._key(session_id, p) for p in parts]
-        keys += [self._key(session_id, "c:" + k.decode()) for k in cached]
+        cache_keys = [lru, self._key(session_id, "csize")]
+        cache_keys += [self._key(session_id, "c:" + _text(k)) for k in cached]
+        if self._c is self._r:  # one transaction for all
+            keys += cache_keys
+        else:  # the cache first: derived data, and an error here leaves the turns in place
+            self._call("delete", lambda: self._c.delete(*cache_keys), self.cache_url)
 
         def run() -> None:
             pipe = self._r.pipeline(transaction=True)
@@ -312,11 +599,23 @@ class RedisStore(Store):
         key = self._key(session_id, "pages")
         return [json.loads(p) for p in self._call("read pages", lambda: self._r.lrange(key, 0, -1))]
 
+    def generation(self, session_id: str) -> str:
+        keys = [self._key(session_id, "turns"), self._key(session_id, "meta")]
+        gen = self._call(
+            "read generation", lambda: self._r.eval(_GENERATION, 2, *keys, uuid.uuid4().hex)
+        )
+        return gen.decode() if gen else ""
+
     def add_pages(
-        self, session_id: str, expected: int, pages: Sequence[dict[str, Any]], cursor: int
+        self,
+        session_id: str,
+        expected: int,
+        pages: Sequence[dict[str, Any]],
+        cursor: int,
+        generation: str,
     ) -> bool:
         keys = [self._key(session_id, "pages"), self._key(session_id, "meta")]
-        args = [expected, cursor, *(json.dumps(p, sort_keys=True) for p in pages)]
+        args = [expected, cursor, generation, *(json.dumps(p, sort_keys=True) for p in pages)]
         return bool(self._call("add pages", lambda: self._add_pages(keys=keys, args=args)))
 
     # --- vision-token cache ---------------------------------------------------------
@@ -327,7 +626,9 @@ class RedisStore(Store):
 
     def cache_get(self, session_id: str, key: str) -> bytes | None:
         keys, args = self._cache_args(session_id, key)
-        value = self._call("cache read", lambda: self._cache_get(keys=keys, args=args))
+        value = self._call(
+            "cache read", lambda: self._cache_get(keys=keys, args=args), self.cache_url
+        )
         return bytes(value) if value else None
 
     def cache_get_many(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
@@ -335,39 +636,33 @@ class RedisStore(Store):
         unique = list(dict.fromkeys(keys))
 
         def run() -> list[Any]:
-            pipe = self._r.pipeline(transaction=False)
+            pipe = self._c.pipeline(transaction=False)
             for key in unique:
                 script_keys, args = self._cache_args(session_id, key)
                 self._cache_get(keys=script_keys, args=args, client=pipe)
             return pipe.execute()
 
-        values = self._call("cache read", run) if unique else []
+        values = self._call("cache read", run, self.cache_url) if unique else []
         return {key: bytes(v) for key, v in zip(unique, values) if v}
 
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         keys, args = self._cache_args(session_id, key)
         args += [self.limits.max_bytes, value]
-        self._call("cache write", lambda: self._cache_put(keys=keys, args=args))
+        self._call("cache write", lambda: self._cache_put(keys=keys, args=args), self.cache_url)
 
     def cache_delete(self, session_id: str, key: str) -> None:
         def run() -> None:
-            pipe = self._r.pipeline(transaction=True)
+            pipe = self._c.pipeline(transaction=True)
             pipe.delete(self._key(session_id, "c:" + key))
             pipe.zrem(self._key(session_id, "lru"), key)
             pipe.hdel(self._key(session_id, "csize"), key)
             pipe.execute()
 
-        self._call("cache delete", run)
+        self._call("cache delete", run, self.cache_url)
 
     def count_cache(self, session_id: str, hits: int = 0, misses: int = 0) -> None:
-        def run() -> None:
-            pipe = self._r.pipeline(transaction=True)
-            meta = self._key(session_id, "meta")
-            pipe.hincrby(meta, "hits", hits)
-            pipe.hincrby(meta, "misses", misses)
-            pipe.execute()
-
-        self._call("cache counters", run)
+        keys = [self._key(session_id, "turns"), self._key(session_id, "meta")]
+        self._call("cache counters", lambda: self._r.eval(_COUNT_CACHE, 2, *keys, hits, misses))
 
     # --- sizes ----------------------------------------------------------------------
     def info(self, session_id: str) -> SessionInfo:
@@ -376,10 +671,15 @@ class RedisStore(Store):
             pipe.llen(self._key(session_id, "turns"))
             pipe.llen(self._key(session_id, "pages"))
             pipe.hmget(self._key(session_id, "meta"), "cursor", "hits", "misses", "turn_bytes")
-            pipe.hvals(self._key(session_id, "csize"))
+            if self._c is self._r:
+                pipe.hvals(csize)
             return pipe.execute()
 
-        turns, pages, meta, sizes = self._call("session info", run)
+        csize = self._key(session_id, "csize")
+        turns, pages, meta, *sizes = self._call("session info", run)
+        if not sizes:  # the cache on a server of its own
+            sizes = [self._call("session info", lambda: self._c.hvals(csize), self.cache_url)]
+        sizes = sizes[0]
         cursor, hits, misses, turn_bytes = (int(v or 0) for v in meta)
         return SessionInfo(
             turns, pages, cursor, len(sizes), sum(int(s) for s in sizes), hits, misses, turn_bytes
@@ -387,3 +687,5 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self._r.close()
+        if self._c is not self._r:
+            self._c.close()

@@ -8,8 +8,10 @@ before it returns. The vision-token cache lives in the same file.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +33,7 @@ from optical_memory.stores.base import (
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     sid TEXT PRIMARY KEY, created REAL NOT NULL, cursor INTEGER NOT NULL DEFAULT 0,
-    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0, generation TEXT
 );
 CREATE TABLE IF NOT EXISTS turns (
     sid TEXT NOT NULL, idx INTEGER NOT NULL, turn_id TEXT NOT NULL, role TEXT NOT NULL,
@@ -55,8 +57,28 @@ CREATE INDEX IF NOT EXISTS cache_by_use ON cache (sid, used);
 # Cache recency (for LRU eviction) kept to this resolution by batch reads.
 RECENCY_STEP_S = 60.0
 
+def _create_private(path: Path) -> None:
+    """Make what is missing of `path`: its directories 0700, the file 0600 (empty: SQLite takes
+    it for a new database, and its -wal and -shm files get the same mode)."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another process
+            pass
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class SQLiteStore(Store):
-    """A store in the SQLite file at `path` (created with its directory if missing)."""
+    """A store in the SQLite file at `path`, created if missing: the file private to its
+    owner (0600), as is each directory made for it (0700); existing ones are left as they are."""
 
     def __init__(self, path: str | Path, cache: CacheLimits | None = None, timeout_s: float = 60.0):
         self.path = Path(path).expanduser()
@@ -64,7 +86,7 @@ class SQLiteStore(Store):
         self.limits = cache or CacheLimits()
         self._lock = threading.RLock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
             )
@@ -72,6 +94,7 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._migrate_turns()
+            self._migrate_sessions()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
 
@@ -86,6 +109,13 @@ class SQLiteStore(Store):
             with self._write() as db:
                 if "message" not in columns():  # another process may have got there first
                     db.execute("ALTER TABLE turns ADD COLUMN message TEXT")
+
+    def _migrate_sessions(self) -> None:
+        """Files made before session generations get the column (NULL: set on first use)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "generation" not in columns:
+            with self._write() as db:
+                db.execute("ALTER TABLE sessions ADD COLUMN generation TEXT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -210,10 +240,34 @@ class SQLiteStore(Store):
         rows = self._read("SELECT record FROM pages WHERE sid = ? ORDER BY idx", (session_id,))
         return [json.loads(record) for (record,) in rows]
 
+    def generation(self, session_id: str) -> str:
+        rows = self._read("SELECT generation FROM sessions WHERE sid = ?", (session_id,))
+        if rows and rows[0][0]:
+            return rows[0][0]
+        with self._write() as db:  # first use: set it (a session deleted meanwhile gets none)
+            db.execute(
+                "UPDATE sessions SET generation = ? WHERE sid = ? AND generation IS NULL",
+                (uuid.uuid4().hex, session_id),
+            )
+            row = db.execute(
+                "SELECT generation FROM sessions WHERE sid = ?", (session_id,)
+            ).fetchone()
+        return row[0] if row and row[0] else ""
+
     def add_pages(
-        self, session_id: str, expected: int, pages: Sequence[dict[str, Any]], cursor: int
+        self,
+        session_id: str,
+        expected: int,
+        pages: Sequence[dict[str, Any]],
+        cursor: int,
+        generation: str,
     ) -> bool:
         with self._write() as db:
+            row = db.execute(
+                "SELECT generation FROM sessions WHERE sid = ?", (session_id,)
+            ).fetchone()
+            if row is None or row[0] != generation:
+                return False
             (count,) = db.execute("SELECT COUNT(*) FROM pages WHERE sid = ?", (session_id,)).fetchone()
             if count != expected:
                 return False
@@ -221,11 +275,7 @@ class SQLiteStore(Store):
                 "INSERT INTO pages (sid, idx, record) VALUES (?, ?, ?)",
                 [(session_id, expected + i, json.dumps(p, sort_keys=True)) for i, p in enumerate(pages)],
             )
-            db.execute(
-                "INSERT INTO sessions (sid, created, cursor) VALUES (?, ?, ?) "
-                "ON CONFLICT (sid) DO UPDATE SET cursor = excluded.cursor",
-                (session_id, now(), cursor),
-            )
+            db.execute("UPDATE sessions SET cursor = ? WHERE sid = ?", (cursor, session_id))
         return True
 
     # --- vision-token cache ---------------------------------------------------------
@@ -298,10 +348,9 @@ class SQLiteStore(Store):
     def count_cache(self, session_id: str, hits: int = 0, misses: int = 0) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO sessions (sid, created, hits, misses) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (sid) DO UPDATE SET hits = hits + excluded.hits, "
-                "misses = misses + excluded.misses",
-                (session_id, now(), hits, misses),
+                # an update only: counting for a session deleted meanwhile leaves no row
+                "UPDATE sessions SET hits = hits + ?, misses = misses + ? WHERE sid = ?",
+                (hits, misses, session_id),
             )
 
     # --- sizes ----------------------------------------------------------------------

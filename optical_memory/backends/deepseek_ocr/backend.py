@@ -24,6 +24,7 @@ from optical_memory.backends.base import Answer, AnswerStream, Backend
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.backends.profiles import Profile, deepseek_ocr_profile
 from optical_memory.cache import cache_key
+from optical_memory.modes import get_mode
 from optical_memory.plan import PagePlan, Plan
 from optical_memory.prompt import PageSource, Prompt, format_query
 from optical_memory.tokens import TokenCounter
@@ -125,10 +126,12 @@ class DeepSeekOCRBackend(Backend):
         Misses are encoded in batches of up to `batch_size` pages of one mode.
         """
         encoder = self.model.encoder
+        dtype = str(encoder.dtype).removeprefix("torch.")
         records = {r.index: r for r in memory.pages(session_id)}
         wanted = plan.in_context()
         out: dict[int, torch.Tensor] = {}
         misses: dict[str, list[tuple[PagePlan, str]]] = {}
+        shapes: dict[int, tuple[int, int]] = {}
         for p in wanted:
             record = records.get(p.index)
             if record is None or record.content_hash != p.content_hash:
@@ -136,7 +139,13 @@ class DeepSeekOCRBackend(Backend):
                     f"page {p.index} of session {session_id!r} changed since the plan; plan again"
                 )
             key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.fingerprint)
-            hit = memory.cache.get_tensor(session_id, key)
+            # What the key implies: this page's vision tokens at this mode (the plan's cost is
+            # the tier's), the encoder's width and dtype; any other entry is dropped, a miss.
+            tokens = get_mode(p.mode).vision_tokens(record.width, record.height)
+            shapes[p.index] = (tokens, encoder.hidden_size)
+            hit = memory.cache.get_tensor(
+                session_id, key, shape=shapes[p.index], dtypes=(dtype,)
+            )
             if hit is not None:
                 out[p.index] = hit
             else:
@@ -149,7 +158,8 @@ class DeepSeekOCRBackend(Backend):
                     chunk = group[start : start + batch_size]
                     images = [memory.page_image(session_id, records[p.index]) for p, _ in chunk]
                     for (p, key), embedding in zip(chunk, encoder.encode_batch(images, mode)):
-                        memory.cache.put_tensor(session_id, key, embedding)
+                        if tuple(embedding.shape) == shapes[p.index]:  # else never read back
+                            memory.cache.put_tensor(session_id, key, embedding)
                         out[p.index] = embedding
                     bar.update(len(chunk))
         return [out[p.index] for p in wanted], encoded

@@ -35,7 +35,8 @@ def load_encoder(
 
     Works with the full DeepSeek-OCR checkpoint and with a directory holding only
     the encoder tensors. Missing, unexpected or mis-shaped encoder tensors raise
-    one CheckpointError listing all of them. `sam_implementation`: "fast" (default;
+    one CheckpointError listing all of them, before any tensor is read; config.json's
+    sizes are bounded before anything is built from them. `sam_implementation`: "fast" (default;
     see `sam_attention`: relative positions folded into the query-key product,
     patch embedding as a GEMM) or "transformers" (its SAM modules as they are);
     both compute the same function. `cuda_graphs` (default: on for CUDA) replays
@@ -45,7 +46,7 @@ def load_encoder(
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise weights.CheckpointError(f"{directory}: no config.json")
-    config = EncoderConfig.from_file(config_path)
+    config = EncoderConfig.from_dict(weights.read_config(directory))
     locations = weights.tensor_locations(directory)
     if not locations:
         raise weights.CheckpointError(f"{directory}: no *.safetensors files")
@@ -71,17 +72,17 @@ def load_decoder(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> DeepseekOCRDecoder:
-    """The decoder of a checkpoint directory (config.json + safetensors, official names)."""
+    """The decoder of a checkpoint directory (config.json + safetensors, official names).
+
+    config.json's sizes are bounded first; then every decoder tensor's name and shape is
+    checked against it from the safetensors headers, and one CheckpointError lists the
+    missing, unexpected and mis-shaped tensors before any is read."""
     path = Path(path)
     dev, dt = weights.resolve_device_dtype(device, dtype)
     config = DecoderConfig.from_checkpoint_config(weights.read_config(path))
     tensors = weights.convert_decoder_tensors(
-        weights.decoder_tensors(path), config, device=dev, dtype=dt
+        weights.checked_decoder_tensors(path, config), config, device=dev, dtype=dt
     )
-    if not tensors:
-        raise ValueError(
-            f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)"
-        )
     return build_decoder(config, tensors, device=dev, dtype=dt)
 
 
@@ -213,7 +214,9 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     dev, dt = weights.resolve_device_dtype(device, dtype)
-    lang = DecoderConfig.from_checkpoint_config(weights.read_config(path))
+    config = weights.read_config(path)
+    lang = DecoderConfig.from_checkpoint_config(config)
+    EncoderConfig.from_dict(config)  # both configurations checked before anything is loaded
     tokenizer = OCRTokenizer.from_dir(path, bos_id=lang.bos_token_id, eos_id=lang.eos_token_id)
     decoder = load_decoder(path, dev, dt)
     encoder = load_encoder(path, device=dev, dtype=dt)

@@ -9,6 +9,12 @@ renaming lives here as data, in both directions, and is exact (the fused CLIP
 `qkv_proj` is split into q/k/v and joined back). The decoder keeps the official
 names except for the routed experts, which transformers stacks (see
 `convert_decoder_tensors`). The one device and dtype resolver of the package is here too.
+
+A checkpoint directory is read as hostile: config.json's sizes are bounded
+(see `configuration.BOUNDS`) before anything is built from them, every encoder
+and decoder tensor's shape is checked against config.json from the safetensors
+headers before a tensor is read, and the shards named by
+`model.safetensors.index.json` (or found by glob) must lie inside the directory.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from optical_memory.backends.deepseek_ocr.configuration import (
+from optical_memory.backends.deepseek_ocr.configuration import (  # CheckpointError lives there
+    CheckpointError,
     ConfigError,
     DecoderConfig,
     EncoderConfig,
@@ -116,10 +123,6 @@ def encoder_fingerprint(config: EncoderConfig, tensors: dict[str, torch.Tensor])
     return h.hexdigest()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be loaded; the message lists every problem found."""
-
-
 def official_name(internal: str) -> str:
     """Official checkpoint name of one of our encoder parameters (q/k/v map to the fused qkv)."""
     m = _SPLIT_QKV.match(internal)
@@ -171,22 +174,146 @@ def is_encoder_name(name: str) -> bool:
     return name.startswith(ENCODER_PREFIXES)
 
 
+def is_decoder_name(name: str) -> bool:
+    return name.startswith(DECODER_PREFIXES)
+
+
+def decoder_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Official decoder tensor name -> shape for `config` (per-expert weights as the official
+    checkpoint stores them), computed without torch modules: embed_tokens and lm_head
+    [vocab, hidden], the norms [hidden], the attention projections, the dense MLP of the
+    first `first_k_dense_replace` layers, then per MoE layer the router `mlp.gate.weight`
+    [n_routed_experts, hidden], every routed expert's gate/up [moe_intermediate, hidden] and
+    down [hidden, moe_intermediate], and the shared experts (n_shared_experts x wider)."""
+    h, v = config.hidden_size, config.vocab_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+
+    def mlp(prefix: str, inter: int) -> dict[str, tuple[int, ...]]:
+        return {
+            f"{prefix}.gate_proj.weight": (inter, h),
+            f"{prefix}.up_proj.weight": (inter, h),
+            f"{prefix}.down_proj.weight": (h, inter),
+        }
+
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        shapes[f"{p}.self_attn.q_proj.weight"] = (q, h)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        if layer < config.first_k_dense_replace:
+            shapes.update(mlp(f"{p}.mlp", config.intermediate_size))
+            continue
+        inter = config.moe_intermediate_size
+        shapes[f"{p}.mlp.gate.weight"] = (config.n_routed_experts, h)
+        for e in range(config.n_routed_experts):
+            shapes.update(mlp(f"{p}.mlp.experts.{e}", inter))
+        shapes.update(mlp(f"{p}.mlp.shared_experts", inter * config.n_shared_experts))
+    return shapes
+
+
+def decoder_problems(
+    found: dict[str, tuple[Path, tuple[int, ...]]], config: DecoderConfig
+) -> TensorProblems:
+    """Missing, unexpected and mis-shaped decoder tensors of a checkpoint against `config`."""
+    return compare(found, decoder_shapes(config), part="decoder")
+
+
+MAX_CONFIG_BYTES = 4 * 2**20  # config.json (the official one has 3 KB)
+MAX_INDEX_BYTES = 64 * 2**20  # model.safetensors.index.json (a few hundred KB for 3B models)
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    size = path.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{path}: {size} bytes, more than the {limit} a {path.name} may have")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not JSON ({str(exc)[:200]})") from None
+
+
+def _roots(directory: Path) -> list[Path]:
+    """Where a checkpoint's shards may lie: the directory itself, and for a Hugging Face hub
+    cache snapshot (`.../snapshots/REV/`, whose files are links into `../../blobs/`) the
+    repository's blobs."""
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _confined(directory: Path, name: str, what: str) -> Path:
+    """`directory / name` if it stays inside the directory once resolved; CheckpointError
+    naming `what` if the name is absolute, climbs out (`..`) or a link leads outside."""
+    pure = Path(name)
+    if not name or pure.is_absolute() or pure.drive or ".." in pure.parts or "\0" in name:
+        raise CheckpointError(f"{directory}: {what} names {name[:200]!r}, outside the directory")
+    path = directory / pure
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in _roots(directory)):
+        raise CheckpointError(
+            f"{directory}: {what} {name[:200]!r} leads to {resolved}, outside the directory"
+        )
+    return path
+
+
 def safetensors_files(directory: Path) -> list[Path]:
-    """The shards of a checkpoint: those named by the index file, else every *.safetensors."""
+    """The shards of a checkpoint: those named by the index file, else every *.safetensors.
+
+    Each must lie inside the directory (a link into a Hugging Face cache's blobs is fine);
+    an index entry or a link leading elsewhere raises CheckpointError naming it."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return sorted({directory / f for f in weight_map.values()})
-    return sorted(directory.glob("*.safetensors"))
+        data = _read_json(index, MAX_INDEX_BYTES)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
+        files = set()
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{index}: weight_map[{tensor[:200]!r}] is not a file name")
+            files.add(name)
+        paths = [_confined(directory, f, f"{index.name} entry") for f in sorted(files)]
+        for path in paths:
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names {path.name!r}, which is not a file")
+        return paths
+    return [
+        _confined(directory, p.name, "shard") for p in sorted(directory.glob("*.safetensors"))
+    ]
 
 
 def tensor_locations(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Every tensor name in the directory's safetensors -> (file, shape), from the headers only."""
+    """Every tensor name in the directory's safetensors -> (file, shape), from the headers only.
+
+    A name in two shards raises CheckpointError (which one would be read?)."""
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                found[name] = (path, tuple(f.get_slice(name).get_shape()))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if name in found and found[name][0] != path:
+                        raise CheckpointError(
+                            f"{directory}: tensor {name} is in {found[name][0].name} and in "
+                            f"{path.name}"
+                        )
+                    found[name] = (path, tuple(f.get_slice(name).get_shape()))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
+            raise CheckpointError(
+                f"{path}: unreadable safetensors file ({str(exc)[:200]})"
+            ) from None
     return found
 
 
@@ -213,10 +340,18 @@ class TensorProblems:
 
 
 def compare(
-    found: dict[str, tuple[Path, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]
+    found: dict[str, tuple[Path, tuple[int, ...]]],
+    expected: dict[str, tuple[int, ...]],
+    part: str = "encoder",
 ) -> TensorProblems:
-    """Encoder tensors of a checkpoint against the expected official names and shapes."""
-    present = {k: v for k, v in found.items() if is_encoder_name(k) and k not in UNUSED_OFFICIAL}
+    """A part's tensors of a checkpoint ("encoder" or "decoder") against the expected official
+    names and shapes."""
+    if part == "encoder":
+        present = {
+            k: v for k, v in found.items() if is_encoder_name(k) and k not in UNUSED_OFFICIAL
+        }
+    else:
+        present = {k: v for k, v in found.items() if is_decoder_name(k)}
     problems = TensorProblems(
         missing=sorted(set(expected) - set(present)),
         unexpected=sorted(set(present) - set(expected)),
@@ -277,35 +412,62 @@ class CheckpointReport:
         return "\n".join(lines)
 
 
+def describes_decoder(config: Any) -> bool:
+    """Whether a config.json dictionary describes a decoder (its `language_config`, or the
+    decoder's sizes at the top level as in a flat text config)."""
+    return isinstance(config, dict) and (
+        "language_config" in config or "vocab_size" in config or "num_hidden_layers" in config
+    )
+
+
 def check_checkpoint(path: str | Path) -> CheckpointReport:
     """Report which components (encoder, decoder, tokenizer) a directory holds and its tensor problems.
 
-    Encoder tensors are checked by name and shape against config.json; the
-    decoder is reported present when its embedding and layer tensors are there.
+    config.json's sizes are checked against their bounds; encoder tensors are
+    checked by name and shape against it, and so are decoder tensors when it
+    describes the decoder (`language_config`). The decoder is reported present
+    when its embedding and layer tensors are there. A shard outside the
+    directory or an unreadable index or shard is a problem, not an exception.
     """
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
     problems: list[str] = []
     config_path = directory / "config.json"
-    found = tensor_locations(directory)
-    if not found:
-        problems.append("no *.safetensors files")
+    try:
+        found = tensor_locations(directory)
+    except CheckpointError as exc:
+        found = {}
+        problems.append(f"safetensors: {exc}")
+    else:
+        if not found:
+            problems.append("no *.safetensors files")
     has_encoder = any(is_encoder_name(k) for k in found)
     has_decoder = any(k.startswith("model.embed_tokens.") for k in found) and any(
         k.startswith("model.layers.") for k in found
     )
     if not config_path.is_file():
         problems.append("no config.json")
-    elif has_encoder:
+    else:
         try:
-            config = EncoderConfig.from_file(config_path)
-        except (ConfigError, json.JSONDecodeError) as exc:
+            raw = _read_json(config_path, MAX_CONFIG_BYTES)
+            encoder_config = EncoderConfig.from_dict(raw) if has_encoder else None
+            decoder_config = (
+                DecoderConfig.from_checkpoint_config(raw)
+                if has_decoder or describes_decoder(raw)
+                else None
+            )
+        except CheckpointError as exc:  # ConfigError included
             problems.append(f"config.json: {exc}")
         else:
-            encoder_problems = compare(found, expected_shapes(encoder_shapes(config)))
-            if encoder_problems:
-                problems.append("encoder tensors:\n" + encoder_problems.describe())
+            if encoder_config is not None:
+                encoder_problems = compare(found, expected_shapes(encoder_shapes(encoder_config)))
+                if encoder_problems:
+                    problems.append("encoder tensors:\n" + encoder_problems.describe())
+            if decoder_config is not None and describes_decoder(raw):
+                decoder_check = decoder_problems(found, decoder_config)
+                if decoder_check:
+                    problems.append("decoder tensors:\n" + decoder_check.describe())
     return CheckpointReport(
         directory=directory,
         config=config_path.is_file(),
@@ -329,12 +491,43 @@ def decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
 
 
+def checked_decoder_tensors(
+    path: Path, config: DecoderConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every decoder tensor of the directory, after checking every name and
+    shape against `config` from the safetensors headers (nothing is read before): one
+    CheckpointError lists the missing, unexpected and mis-shaped tensors."""
+    locations = tensor_locations(path)
+    if not locations:
+        raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
+    if not any(is_decoder_name(k) for k in locations):
+        raise CheckpointError(
+            f"checkpoint {path} holds no decoder tensors (model.layers.*, lm_head, ...)"
+        )
+    problems = decoder_problems(locations, config)
+    if problems:
+        raise CheckpointError(
+            f"{path}: decoder tensors do not match config.json\n{problems.describe()}"
+        )
+    names = sorted(k for k in locations if is_decoder_name(k))
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(locations[name][0], []).append(name)
+    for file, file_names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in file_names:
+                yield name, f.get_tensor(name)
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """The checkpoint's config.json as a dict."""
+    """The checkpoint's config.json as a dict (at most MAX_CONFIG_BYTES of JSON)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    return json.loads(config_file.read_text())
+    config = _read_json(config_file, MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_file}: not a JSON object")
+    return config
 
 
 def convert_decoder_tensors(
@@ -350,14 +543,20 @@ def convert_decoder_tensors(
     stacked into `mlp.experts.gate_up_proj` (gate rows first, then up) and
     `mlp.experts.down_proj`; every other name is kept as it is. Tensors outside
     the decoder are ignored. Each tensor is copied once into its destination on
-    `device` in `dtype`, so peak memory stays near one model copy.
+    `device` in `dtype`, so peak memory stays near one model copy. A tensor whose shape
+    is not the one `config` implies raises CheckpointError (a copy would broadcast it).
     """
     e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    expected = decoder_shapes(config)
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, set[tuple[int, str]]] = {}
     for name, tensor in tensors:
         if not name.startswith(DECODER_PREFIXES):
             continue
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{name}: shape {list(tensor.shape)}, expected {list(expected[name])}"
+            )
         match = _EXPERT_RE.match(name)
         if match is None:
             out[name] = tensor.to(device=device, dtype=dtype)
@@ -365,6 +564,8 @@ def convert_decoder_tensors(
         layer, expert, proj = int(match[1]), int(match[2]), match[3]
         if expert >= e:
             raise ValueError(f"{name}: expert index {expert} >= n_routed_experts {e}")
+        if name not in expected:
+            raise CheckpointError(f"{name}: layer {layer} has no routed experts in config.json")
         base = f"model.layers.{layer}.mlp.experts."
         if proj == "down":
             key = base + "down_proj"
