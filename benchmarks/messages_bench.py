@@ -71,7 +71,8 @@ def run_profile(profile: str, turns: int, repeats: int, directory: Path) -> dict
     for _ in range(max(1, repeats // 10)):
         fresh.append(timed(lambda: uncached_pngs(mem, "bench")))
     plan = mem.plan("bench", QUERY)
-    pages = messages[0]["content"][2::2] if plan.in_context() else []
+    parts = next((m["content"] for m in messages if isinstance(m["content"], list)), [])
+    pages = [p for p in parts if p["type"] == "image_url"]
     mem.close()
     result = {
         "profile": profile,
