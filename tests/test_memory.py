@@ -184,3 +184,14 @@ def test_page_text_recount_matches_the_renderer(mem, conversation):
         texts = mem.pager.text_of(r, turns[r.first_turn :])
         assert sum(default_counter().count(t) for t in texts) == r.text_tokens
         assert r.counter == default_counter().name
+
+
+def test_with_closes_the_store(tmp_path):
+    from optical_memory.stores import StoreError
+
+    with OpticalMemory(tmp_path / "m.sqlite3") as mem:
+        mem.append("s", "user", "hi")
+    with pytest.raises(StoreError, match="closed"):
+        mem.turns("s")
+    with OpticalMemory(tmp_path / "m.sqlite3") as again:  # the file itself is intact
+        assert [t.content for t in again.turns("s")] == ["hi"]
