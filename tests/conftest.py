@@ -3,12 +3,20 @@
 Test modules take these as fixtures and import nothing from each other or from here.
 
 Redis runs use the real server at 127.0.0.1:6379 (database 15) under a key prefix
-of their own, removed afterwards; they are skipped when no server answers there.
+of their own, removed afterwards; they are skipped when no server answers there. Tests that
+need a server of their own (settings, restarts, kill -9, a hung or stopped server) start
+redis-server processes with `redis_servers` instead.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,6 +124,109 @@ def store_factory(store_kind, tmp_path, request) -> Iterator[Callable[..., Store
 @pytest.fixture
 def store(store_factory) -> Store:
     return store_factory()
+
+
+# --------------------------------------------------------------------------- own Redis servers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server on a free loopback port with its own directory; no persistence unless
+    `args` ask for it (later arguments win). `start` again after `stop` or `kill` restarts it
+    on the same port and directory (it loads whatever it persisted there)."""
+
+    def __init__(self, directory: Path, args: tuple[str, ...]) -> None:
+        self.port = _free_port()
+        self.dir = directory / f"redis-{self.port}"
+        self.dir.mkdir()
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, db=db, socket_timeout=5)
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        try:
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break  # exited: bad arguments, or the port was taken meanwhile
+                try:
+                    client.ping()  # LOADING (reading its AOF or RDB) is a ConnectionError
+                    return self
+                except redis.ConnectionError:
+                    time.sleep(0.025)
+        finally:
+            client.close()
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs, connections stay open, calls time out."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final save."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM by its pid (after a SIGCONT, in case it is paused); nothing if not running."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_servers(tmp_path) -> Iterator[Callable[..., RedisServer]]:
+    """`redis_servers(*args)`: a started `RedisServer` of this test's own, extra redis-server
+    arguments such as "--maxmemory", "30mb" or "--appendonly", "yes" appended; each is
+    stopped afterwards. Skips the test when redis-server is not installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    servers: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        servers.append(RedisServer(tmp_path, args))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- model endpoints

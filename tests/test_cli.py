@@ -3,23 +3,19 @@ export, delete, pin, plan over the window, --store everywhere, OPTICAL_MEMORY_ST
 
 Commands run in-process through `main` and, where the exit status, standard input or the
 environment matter, as real `python -m optical_memory` processes. The Redis runs use a
-redis-server of their own on a free loopback port (the CLI writes under the default key prefix).
+redis-server of their own on a free loopback port (`redis_servers`; the CLI writes under the
+default key prefix).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 import optical_memory
 from optical_memory.apps.cli import build_parser, main
@@ -35,63 +31,33 @@ MESSAGES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    """A redis-server of this module's own on a free loopback port, stopped by its pid."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield port
-    finally:
-        client.close()
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request, tmp_path):
-    """A fresh store URL of each kind (Redis: a database of the module's server, flushed)."""
+    """A fresh store URL of each kind (Redis: database 1 of a redis-server of the test's own)."""
     if request.param == "sqlite":
         return str(tmp_path / "memory.sqlite3")
-    port = request.getfixturevalue("redis_server")
-    client = redis.Redis(port=port, db=1)
-    client.flushdb()
-    client.close()
-    return f"redis://127.0.0.1:{port}/1"
+    server = request.getfixturevalue("redis_servers")()
+    return f"redis://127.0.0.1:{server.port}/1"
 
 
 def _write_jsonl(path: Path, messages: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages), encoding="utf-8"
+    )
     return path
 
 
 def _cli(*args: str, stdin: str | None = None, env: dict | None = None, cwd: Path = ROOT):
     """`optical-memory ARGS` as a process of its own."""
     return subprocess.run(
-        [sys.executable, "-m", "optical_memory", *args], input=stdin, capture_output=True,
-        text=True, timeout=120, cwd=cwd, env={**os.environ, **(env or {})}, check=False,
+        [sys.executable, "-m", "optical_memory", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -121,8 +87,13 @@ def test_ingest_changed_content_is_a_conflict_and_stores_nothing(store_url, tmp_
     assert _cli("ingest", "chat", str(transcript), "--store", store_url).returncode == 0
     changed = [*MESSAGES[:2], {**MESSAGES[2], "content": "Noted: April 1st."}, *MESSAGES[3:]]
     changed.append({"role": "user", "content": "new", "turn_id": "m9"})
-    done = _cli("ingest", "chat", str(_write_jsonl(tmp_path / "changed.jsonl", changed)),
-                "--store", store_url)
+    done = _cli(
+        "ingest",
+        "chat",
+        str(_write_jsonl(tmp_path / "changed.jsonl", changed)),
+        "--store",
+        store_url,
+    )
     assert done.returncode == 1
     assert "optical-memory ingest: turn id 'm2' of session 'chat'" in done.stderr
     assert "different content" in done.stderr and "nothing of" in done.stderr
@@ -148,8 +119,9 @@ def test_ingest_keeps_ids_from_stdin_and_json_arrays(store_url, tmp_path):
 def test_ingest_same_id_twice_in_one_file_with_other_content(tmp_path):
     store = tmp_path / "m.sqlite3"
     twice = [*MESSAGES, {**MESSAGES[1], "content": "Our launch date is May 5th."}]
-    done = _cli("ingest", "s", str(_write_jsonl(tmp_path / "twice.jsonl", twice)),
-                "--store", str(store))
+    done = _cli(
+        "ingest", "s", str(_write_jsonl(tmp_path / "twice.jsonl", twice)), "--store", str(store)
+    )
     assert done.returncode == 1
     assert "turn id 'm1'" in done.stderr and "nothing was stored" in done.stderr
     with OpticalMemory(store) as mem:
@@ -166,7 +138,10 @@ def test_ingest_without_ids_appends_new_turns(tmp_path, capsys):
     assert "1 turns appended, 2 already stored, 4 in all" in last
     stored = _stored(store, "s")
     assert [m["content"] for m in stored] == [
-        "You are terse.", "no id", "Noted: March 3rd.", "no id"
+        "You are terse.",
+        "no id",
+        "Noted: March 3rd.",
+        "no id",
     ]
     assert stored[1]["turn_id"] != stored[3]["turn_id"]
 
@@ -208,11 +183,15 @@ def test_sessions_turns_export_delete(store_url, tmp_path, capsys):
     expected = (tmp_path / "api.jsonl").read_bytes()
     done = subprocess.run(
         [sys.executable, "-m", "optical_memory", "export", "b-chat", "--store", store_url],
-        capture_output=True, cwd=ROOT, timeout=60, check=False,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0 and done.stdout == expected
-    assert main(["export", "b-chat", "--out", str(tmp_path / "cli.jsonl"),
-                 "--store", store_url]) == 0
+    assert (
+        main(["export", "b-chat", "--out", str(tmp_path / "cli.jsonl"), "--store", store_url]) == 0
+    )
     assert (tmp_path / "cli.jsonl").read_bytes() == expected
     # ... and what export writes, ingest reads back to the same session
     assert main(["ingest", "copy", str(tmp_path / "cli.jsonl"), "--store", store_url]) == 0
@@ -267,8 +246,10 @@ def test_pin_and_unpin(store_url, capsys):
 def test_plan_over_the_window_exits_nonzero(tmp_path):
     store = str(tmp_path / "m.sqlite3")
     chat = [
-        {"role": ("user", "assistant")[i % 2],
-         "content": f"Turn {i}: " + "the launch party is in Lyon on March 3rd, " * 4}
+        {
+            "role": ("user", "assistant")[i % 2],
+            "content": f"Turn {i}: " + "the launch party is in Lyon on March 3rd, " * 4,
+        }
         for i in range(6)
     ]
     with OpticalMemory(store) as mem:
@@ -302,9 +283,17 @@ def test_plan_to_json_is_text_and_to_dict_a_dict(tmp_path):
 
 # --------------------------------------------------------------------------- stores
 STORE_COMMANDS = {
-    "demo": [], "ingest": ["s", "t.jsonl"], "plan": ["s"], "messages": ["s"],
-    "ask": ["s", "q", "--model", "m"], "stats": ["s"], "sessions": [], "turns": ["s"],
-    "export": ["s"], "delete": ["s"], "pin": ["s", "t"],
+    "demo": [],
+    "ingest": ["s", "t.jsonl"],
+    "plan": ["s"],
+    "messages": ["s"],
+    "ask": ["s", "q", "--model", "m"],
+    "stats": ["s"],
+    "sessions": [],
+    "turns": ["s"],
+    "export": ["s"],
+    "delete": ["s"],
+    "pin": ["s", "t"],
 }
 
 
@@ -331,8 +320,10 @@ def test_bad_store_url_is_an_error_and_creates_nothing(tmp_path):
 
 def test_env_store_is_the_default(tmp_path):
     transcript = _write_jsonl(tmp_path / "chat.jsonl", MESSAGES)
-    env = {"OPTICAL_MEMORY_STORE": f"sqlite://{tmp_path}/env.sqlite3",
-           "OPTICAL_MEMORY_HOME": str(tmp_path / "home")}
+    env = {
+        "OPTICAL_MEMORY_STORE": f"sqlite://{tmp_path}/env.sqlite3",
+        "OPTICAL_MEMORY_HOME": str(tmp_path / "home"),
+    }
     assert _cli("ingest", "chat", str(transcript), env=env).returncode == 0
     assert (tmp_path / "env.sqlite3").is_file() and not (tmp_path / "home").exists()
     assert _cli("sessions", env=env).stdout == "chat\n"

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy
@@ -111,71 +106,16 @@ def test_process_killed_mid_work_loses_nothing(
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A redis-server of this test's own, without persistence."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-@pytest.fixture
-def own_redis():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = _Server()
-    server.start()
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    server.stop()
-
-
-def test_redis_unreachable_then_back(own_redis):
-    url = f"redis://127.0.0.1:{own_redis.port}/0"
+def test_redis_unreachable_then_back(redis_servers):
+    server = redis_servers()  # without persistence
+    url = server.url
     mem = OpticalMemory(RedisStore(url, prefix="rel", timeout_s=0.5))
     mem.append("s", "user", "before", turn_id="t0")
 
-    own_redis.proc.send_signal(signal.SIGSTOP)  # the server hangs: calls time out
-    with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{own_redis.port}.*unreachable"):
+    server.pause()  # the server hangs: calls time out
+    with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{server.port}.*unreachable"):
         mem.append("s", "user", "during", turn_id="t1")
-    own_redis.proc.send_signal(signal.SIGCONT)
+    server.resume()
 
     # back: the retry with the same turn id stores the turn exactly once, even if the
     # timed-out call reached the server after all
@@ -183,13 +123,13 @@ def test_redis_unreachable_then_back(own_redis):
     mem.append("s", "user", "after", turn_id="t2")
     assert [t.content for t in mem.turns("s")] == ["before", "during", "after"]
 
-    own_redis.stop()  # down: a clear error for reads and writes, nothing reported stored
+    server.stop()  # down: a clear error for reads and writes, nothing reported stored
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         mem.append("s", "user", "lost", turn_id="t3")
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         mem.plan("s")
 
-    own_redis.start()  # restarted without persistence: the turns are gone, and the client
+    server.start()  # restarted without persistence: the turns are gone, and the client
     with pytest.raises(DataLossError, match="marker 'rel:store' is gone"):  # says so
         mem.append("s", "user", "again", turn_id="t4")
     with pytest.raises(DataLossError):  # from then on, reads included

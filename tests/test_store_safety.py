@@ -3,24 +3,18 @@ a client is a DataLossError, AOF keeps acknowledged turns through kill -9, a tim
 says its outcome is unknown and carries the turn ids to retry with; SQLite files are private.
 
 Every Redis test starts redis-server processes of its own on free loopback ports, with the
-settings it needs, and stops them by their pid.
+settings it needs (the `redis_servers` fixture), and they are stopped by their pid.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import stat
-import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from optical_memory.memory import OpticalMemory
 from optical_memory.stores import (
@@ -34,80 +28,6 @@ from optical_memory.stores import (
 )
 from optical_memory.stores.redis import RedisStore
 from optical_memory.stores.sqlite import SQLiteStore
-
-
-# --------------------------------------------------------------------------- servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A redis-server on a free loopback port with its own directory; no persistence unless
-    `args` ask for it (later arguments win)."""
-
-    def __init__(self, directory: Path, args: tuple[str, ...]) -> None:
-        self.port = _free_port()
-        self.dir = directory / f"redis-{self.port}"
-        self.dir.mkdir()
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, db=db, socket_timeout=5)
-
-    def start(self) -> Server:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--save", "", "--appendonly", "no", *self.args],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        try:
-            for _ in range(200):
-                try:
-                    client.ping()  # LOADING (reading its AOF or RDB) is a ConnectionError
-                    return self
-                except redis.ConnectionError:
-                    time.sleep(0.025)
-        finally:
-            client.close()
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        """kill -9: no shutdown, no final save."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_servers(tmp_path) -> Iterator[Callable[..., Server]]:
-    """`start(*args)`: a started redis-server of this test's own; all stopped afterwards."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    servers: list[Server] = []
-
-    def start(*args: str) -> Server:
-        servers.append(Server(tmp_path, args).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def _messages(session: int, n: int = 40) -> list[dict[str, str]]:
@@ -183,8 +103,9 @@ def test_the_turn_logs_survive_cache_writes(redis_servers, layout):
 
 
 def test_config_refused_reads_the_policy_from_info_else_warns(redis_servers):
-    renamed = redis_servers("--rename-command", "CONFIG", "",
-                            "--maxmemory", "30mb", "--maxmemory-policy", "allkeys-lru")
+    renamed = redis_servers(
+        "--rename-command", "CONFIG", "", "--maxmemory", "30mb", "--maxmemory-policy", "allkeys-lru"
+    )
     with pytest.raises(StoreConfigError, match="allkeys-lru"):  # from INFO memory
         RedisStore(renamed.url).turn_count("s")
     volatile = redis_servers("--rename-command", "CONFIG", "", "--maxmemory-policy", "volatile-lfu")
@@ -302,7 +223,9 @@ def test_aof_keeps_acknowledged_turns_through_kill_9(redis_servers, fsync):
     assert mem.append("s0", "user", "after", turn_id="a").index == 50
     fresh = OpticalMemory(RedisStore(server.url))
     assert [t.content for t in fresh.turns("s0")][28:] == [
-        *(m["content"] for m in _messages(0, 30)[28:]), *(f"reply {i}" for i in range(20)), "after"
+        *(m["content"] for m in _messages(0, 30)[28:]),
+        *(f"reply {i}" for i in range(20)),
+        "after",
     ]
     mem.close()
     fresh.close()
@@ -401,13 +324,13 @@ def test_a_timed_out_append_has_an_unknown_outcome_and_its_turn_ids(
     messages = _messages(1, 3)  # no turn ids: the memory makes them
 
     if paused == "before the write":
-        os.kill(server.proc.pid, signal.SIGSTOP)
+        server.pause()
     else:  # right after the marker check, before the append's round trip
         check = store._check_marker
 
         def check_then_hang(*args, **kwargs) -> None:
             check(*args, **kwargs)
-            os.kill(server.proc.pid, signal.SIGSTOP)
+            server.pause()
 
         monkeypatch.setattr(store, "_check_marker", check_then_hang)
     started = time.monotonic()
@@ -422,7 +345,7 @@ def test_a_timed_out_append_has_an_unknown_outcome_and_its_turn_ids(
     assert len(err.turn_ids) == 3 and len(set(err.turn_ids)) == 3
     assert all(tid in text for tid in err.turn_ids)
 
-    os.kill(server.proc.pid, signal.SIGCONT)
+    server.resume()
     key = store._key("s", "turns")
     with server.client() as client:  # what the server did once awake
         expected = 1 if paused == "before the write" else 4
@@ -440,10 +363,10 @@ def test_a_timed_out_append_has_an_unknown_outcome_and_its_turn_ids(
     assert len(mem.turns("s")) == 4
 
     # one turn: the generated id is in the error too
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    server.pause()
     with pytest.raises(StoreUnavailableError) as info:
         mem.append("s", "user", "one more")
-    os.kill(server.proc.pid, signal.SIGCONT)
+    server.resume()
     (tid,) = info.value.turn_ids
     assert tid in str(info.value)
     assert mem.append("s", "user", "one more", turn_id=tid).index == 4
@@ -479,12 +402,12 @@ def test_a_read_that_times_out_says_it_was_a_read(redis_servers):
     server = redis_servers()
     mem = OpticalMemory(RedisStore(server.url, timeout_s=0.5))
     mem.append("s", "user", "hello", turn_id="t0")
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    server.pause()
     try:
         with pytest.raises(StoreUnavailableError) as info:
             mem.turns("s")
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.resume()
     text = str(info.value)
     assert "during a read" in text and "changes nothing" in text
     assert "outcome" not in text and info.value.turn_ids == ()

@@ -3,17 +3,11 @@ OPTICAL_MEMORY_STORE default, and what a Redis that cannot be reached says for r
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from optical_memory.memory import OpticalMemory
 from optical_memory.stores import (
@@ -34,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ("redis://127.0.0.1:6379/14", "redis", "redis://127.0.0.1:6379/14"),
         ("redis://127.0.0.1", "redis", "redis://127.0.0.1"),
         ("rediss://cache.example:6380/2", "redis", "rediss://cache.example:6380/2"),
-        ("redis://:secret@host:6379/3?socket_keepalive=true", "redis",
-         "redis://:secret@host:6379/3?socket_keepalive=true"),
+        (
+            "redis://:secret@host:6379/3?socket_keepalive=true",
+            "redis",
+            "redis://:secret@host:6379/3?socket_keepalive=true",
+        ),
         ("REDIS://host/1", "redis", "redis://host/1"),
         ("unix:///run/redis.sock", "redis", "unix:///run/redis.sock"),
         ("sqlite:///var/lib/om/memory.sqlite3", "sqlite", "/var/lib/om/memory.sqlite3"),
@@ -130,51 +127,11 @@ def test_env_sets_the_default_store(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- Redis away
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def redis_server():
-    """A redis-server of this test's own on a free loopback port, without persistence;
-    yields (port, stop); stopped by its pid afterwards."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-
-    def stop() -> None:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        stop()
-        raise RuntimeError("redis-server did not start")
-    client.close()
-    yield port, stop
-    stop()
-
-
-def test_unreachable_redis_says_whether_a_read_or_a_write_failed(redis_server):
-    port, stop = redis_server
-    url = f"redis://127.0.0.1:{port}/0"
-    mem = OpticalMemory(RedisStore(url, timeout_s=0.5))
+def test_unreachable_redis_says_whether_a_read_or_a_write_failed(redis_servers):
+    server = redis_servers()
+    mem = OpticalMemory(RedisStore(server.url, timeout_s=0.5))
     mem.append("s", "user", "hello", turn_id="t0")
-    stop()
+    server.stop()
 
     reads = {
         "turns": lambda: mem.turns("s"),
@@ -189,7 +146,7 @@ def test_unreachable_redis_says_whether_a_read_or_a_write_failed(redis_server):
         with pytest.raises(StoreUnavailableError) as info:
             read()
         text = str(info.value)
-        assert f"127.0.0.1:{port}" in text and "unreachable during a read" in text, name
+        assert f"127.0.0.1:{server.port}" in text and "unreachable during a read" in text, name
         assert "retry" not in text and "stored" not in text and "turn id" not in text, name
 
     writes = {
@@ -206,14 +163,17 @@ def test_unreachable_redis_says_whether_a_read_or_a_write_failed(redis_server):
         mem.append("s", "user", "lost", turn_id="t1")
 
 
-def test_cli_read_from_unreachable_redis(redis_server):
-    port, stop = redis_server
-    stop()
+def test_cli_read_from_unreachable_redis(redis_servers):
+    server = redis_servers()
+    server.stop()
     for command in (["turns", "s"], ["sessions"], ["plan", "s"]):
         done = subprocess.run(
-            [sys.executable, "-m", "optical_memory", *command,
-             "--store", f"redis://127.0.0.1:{port}/0"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+            [sys.executable, "-m", "optical_memory", *command, "--store", server.url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert done.returncode == 1, command
         assert "unreachable during a read" in done.stderr, command
