@@ -246,7 +246,7 @@ def clean(tmp_path_factory, model, conversation):
     keys = []
     for p in pages:
         r = records[p.index]
-        keys.append(cache_key(p.content_hash, r.fingerprint, p.mode, model.encoder.fingerprint))
+        keys.append(cache_key(p.content_hash, r.fingerprint, p.mode, model.encoder.cache_id))
         keys.append(cache_key(r.content_hash, r.fingerprint, IMAGE_MODE, ""))
     entries = {k: v for k in keys if (v := mem.store.cache_get("s", k)) is not None}
     page = pages[0]

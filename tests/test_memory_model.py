@@ -59,7 +59,7 @@ def test_corrupt_cache_entry_is_recomputed(mem):
     ctx = mem.context("s", "q")
     page = ctx.plan.in_context()[0]
     record = next(r for r in mem.pages("s") if r.index == page.index)
-    key = cache_key(page.content_hash, record.fingerprint, page.mode, mem.model.encoder.fingerprint)
+    key = cache_key(page.content_hash, record.fingerprint, page.mode, mem.model.encoder.cache_id)
     raw = bytearray(mem.store.cache_get("s", key))
     raw[-1] ^= 0x55
     mem.store.cache_put("s", key, bytes(raw))

@@ -138,7 +138,7 @@ class DeepSeekOCRBackend(Backend):
                 raise LookupError(
                     f"page {p.index} of session {session_id!r} changed since the plan; plan again"
                 )
-            key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.fingerprint)
+            key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.cache_id)
             # What the key implies: this page's vision tokens at this mode (the plan's cost is
             # the tier's), the encoder's width and dtype; any other entry is dropped, a miss.
             tokens = get_mode(p.mode).vision_tokens(record.width, record.height)

@@ -271,8 +271,17 @@ class EncoderConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> EncoderConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a config.json of at most 4 MiB (the official one has 3 KB)."""
+        with open(path, "rb") as f:
+            data = f.read(4 * 2**20 + 1)
+        if len(data) > 4 * 2**20:
+            raise ConfigError(f"{path}: more than the 4 MiB a config.json may have")
+        try:
+            return cls.from_dict(json.loads(data))
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{path}: not JSON ({str(exc)[:200]})") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The `vision_config` and `projector_config` entries of a config.json, all keys explicit."""

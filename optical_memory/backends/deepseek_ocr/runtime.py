@@ -200,6 +200,12 @@ class Encoder:
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def cache_id(self) -> str:
+        """What cached embeddings depend on: the weights and the dtype they were computed in
+        (a bf16 GPU process and a float32 CPU process sharing a store keep separate entries)."""
+        return f"{self.fingerprint}/{str(self.dtype).removeprefix('torch.')}"
+
     @classmethod
     def from_tensors(
         cls,

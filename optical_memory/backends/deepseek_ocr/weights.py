@@ -480,7 +480,8 @@ def check_checkpoint(path: str | Path) -> CheckpointReport:
 
 
 def decoder_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every decoder tensor in the directory's safetensors files."""
+    """(name, tensor) for every decoder tensor in the directory's safetensors files, unchecked
+    (loading goes through `checked_decoder_tensors`)."""
     files = safetensors_files(path)
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
