@@ -103,3 +103,16 @@ def test_importing_the_core_imports_no_torch():
     after_package, after_core = result.stdout.splitlines()
     assert after_package == "[]", "import optical_memory loads " + after_package
     assert after_core == "[]", "the memory and OpenAIBackend load " + after_core
+
+
+def test_the_core_imports_no_agent_framework():
+    frameworks = ("langchain_core", "langgraph", "llama_index", "mcp")
+    code = (
+        "import sys\n"
+        "import optical_memory, optical_memory.memory, optical_memory.apps.cli\n"
+        "import optical_memory.backends.openai, optical_memory.integrations\n"
+        f"print(sorted(m for m in sys.modules if m.partition('.')[0] in {frameworks!r}))\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", "the core loads " + result.stdout

@@ -376,6 +376,44 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_memory_errors(_pin))
 
 
+# --- mcp (integrations) --------------------------------------------------------
+def _add_mcp(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mcp", help="serve the memory to MCP clients (stdio, or streamable HTTP with --port)"
+    )
+    p.add_argument("--profile", help="how the reading model counts images: " + _PROFILES)
+    p.add_argument(
+        "--port", type=int, help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address for --port (default: 127.0.0.1)")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_mcp))
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from optical_memory.integrations.mcp import serve
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "mcp":
+            raise
+        raise SystemExit(
+            "optical-memory mcp: needs the MCP Python SDK: pip install 'optical-memory[mcp]'"
+        ) from None
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1 to 65535, got {args.port}")
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)  # unwinds the server (uvicorn shuts down first) and closes the store
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(args.store, profile=args.profile, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from optical_memory import __version__
 
@@ -389,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_checkpoint(sub)
     _add_ocr(sub)
     _add_memory_commands(sub)
+    _add_mcp(sub)
     return parser
 
 
