@@ -320,9 +320,14 @@ class OpticalMemory:
         """Undo `pin`; system and developer turns stay pinned by their role."""
         self.store.set_pinned(session_id, self._index_of(session_id, turn_id), False)
 
+    def index_of(self, session_id: str, turn_id: str) -> int | None:
+        """The index of the session's turn with this id, None if it has none."""
+        check_id(session_id, "session id")
+        return self.store.index_of(session_id, check_id(turn_id, "turn id"))
+
     def _index_of(self, session_id: str, turn_id: str) -> int:
         self._require(session_id)
-        index = self.store.index_of(session_id, check_id(turn_id, "turn id"))
+        index = self.index_of(session_id, turn_id)
         if index is None:
             raise LookupError(f"session {session_id!r} has no turn with id {turn_id!r}")
         return index
@@ -531,12 +536,18 @@ class OpticalMemory:
         )
 
     def messages(
-        self, session_id: str, query: str | None = None, budget: int | None = None
+        self,
+        session_id: str,
+        query: str | None = None,
+        budget: int | None = None,
+        *,
+        include_query: bool = True,
     ) -> list[dict[str, Any]]:
         """The context for `query` as OpenAI chat messages (JSON-serialisable dicts): pages in
         context as labelled PNG `image_url` parts at their tier's geometry, oldest first, then
-        the recent turns, then the query. Needs no model."""
-        return self.prompt(session_id, query, budget).messages()
+        the recent turns, then the query. With `include_query=False` the query's positions are
+        planned for but it is left out, for a caller that sends it itself. Needs no model."""
+        return self.prompt(session_id, query, budget).messages(include_query)
 
     def page_image(self, session_id: str, page: PageRecord | PagePlan) -> Image.Image:
         """The page rendered at the configured canvas, from the cache or rendered (and cached) now."""

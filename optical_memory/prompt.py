@@ -114,10 +114,11 @@ class Prompt:
         """The pages as base64 PNGs at their tiers' geometry (cached per page and tier)."""
         return self.memory.page_pngs(self.session_id, [(p.record, p.tier) for p in self.pages])
 
-    def messages(self) -> list[dict[str, Any]]:
+    def messages(self, include_query: bool = True) -> list[dict[str, Any]]:
         """OpenAI chat messages: the pinned turns, one user message of labelled page images
         (PNG data URLs at each page's tier geometry, oldest first), the recent turns as they
-        were given (see `messages.chat_messages` for what a chat API cannot take), the query."""
+        were given (see `messages.chat_messages` for what a chat API cannot take), the query
+        (unless `include_query` is false: planned for, left for the caller to send)."""
         out = chat_messages(self.pinned_messages)
         if self.pages:
             parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
@@ -129,6 +130,6 @@ class Prompt:
                 parts.append({"type": "image_url", "image_url": image})
             out.append({"role": "user", "content": parts})
         out.extend(chat_messages(self.recent_messages))
-        if self.query:
+        if self.query and include_query:
             out.append({"role": "user", "content": self.query})
         return out

@@ -327,3 +327,13 @@ def test_the_answer_names_its_turns_and_positions_by_kind(openai_server, memory_
     assert sum(answer.positions.values()) == plan.total
     assert answer.positions["vision"] == plan.vision_tokens > 0
     assert answer.positions["pinned"] == plan.pinned_tokens > 0  # the system prompt
+
+
+def test_messages_can_leave_the_query_to_the_caller(memory_file):
+    mem = OpticalMemory(memory_file, profile="qwen2.5-vl")
+    with_query = mem.messages(SESSION, QUERY)
+    without = mem.messages(SESSION, QUERY, include_query=False)
+    assert with_query[-1] == {"role": "user", "content": QUERY}
+    assert without == with_query[:-1]  # the same plan: the query's positions still reserved
+    assert mem.index_of(SESSION, mem.turns(SESSION)[7].turn_id) == 7
+    assert mem.index_of(SESSION, "no-such-turn") is None

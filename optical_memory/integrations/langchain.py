@@ -393,14 +393,19 @@ class OpticalChatMessageHistory(BaseChatMessageHistory):
     def clear(self) -> None:
         self.memory.delete(self.session_id)
 
-    def context(self, query: str | None = None, budget: int | None = None) -> list[BaseMessage]:
+    def context(
+        self, query: str | None = None, budget: int | None = None, *, include_query: bool = True
+    ) -> list[BaseMessage]:
         """`OpticalMemory.messages(session_id, query, budget)` as LangChain messages: pinned
         system turns first, one human message of labelled page images (`image_url` parts),
-        the recent turns, the query last; [] (or just the query) for a session with no turns."""
+        the recent turns, the query last (unless `include_query` is false); [] (or just the
+        query) for a session with no turns."""
         try:
-            ctx = self.memory.messages(self.session_id, query, budget)
+            ctx = self.memory.messages(
+                self.session_id, query, budget, include_query=include_query
+            )
         except UnknownSessionError:
-            ctx = [{"role": "user", "content": query}] if query else []
+            ctx = [{"role": "user", "content": query}] if query and include_query else []
         return messages_from_openai(ctx)
 
     async def acontext(
@@ -433,7 +438,7 @@ def optical_context(
         history = OpticalChatMessageHistory(memory, session_id)
         query = inputs.get(query_key) if query_key is not None else None
         if isinstance(query, str) and query:
-            context = history.context(query, budget)[:-1]
+            context = history.context(query, budget, include_query=False)
         else:
             context = history.context(None, budget)
         return {**inputs, history_key: context}

@@ -143,7 +143,7 @@ def _unstored(
     check_id(session_id, "session id")
     ids = [_turn_id(m, i) for i, m in enumerate(messages)]
     start = len(messages)
-    while start > 0 and memory.store.index_of(session_id, ids[start - 1]) is None:
+    while start > 0 and memory.index_of(session_id, ids[start - 1]) is None:
         start -= 1
     return list(zip(ids[start:], messages[start:]))
 

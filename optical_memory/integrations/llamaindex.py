@@ -266,11 +266,12 @@ class OpticalMemoryBuffer(BaseMemory):
                     f"(token_limit {self.token_limit}, initial_token_count {taken})"
                 )
         try:
-            messages = self.memory.messages(self.session_id, query or None, budget)
+            # planned with the query's positions but without it: the caller sends it
+            messages = self.memory.messages(
+                self.session_id, query or None, budget, include_query=False
+            )
         except UnknownSessionError:
             return []
-        if query:
-            messages = messages[:-1]  # the query comes last; the caller sends it
         return [from_openai(m) for m in messages]
 
     def get_all(self) -> list[ChatMessage]:
