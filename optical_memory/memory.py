@@ -407,6 +407,13 @@ class OpticalMemory:
         Needs no model: the backend's (or the profile's) window and tier costs, or
         DeepSeek-OCR's. `budget` overrides the window.
         """
+        return self._plan(session_id, query, budget)[0]
+
+    def _plan(
+        self, session_id: str, query: str | None, budget: int | None
+    ) -> tuple[Plan, list[PageRecord], list[Turn], list[Turn]]:
+        """The plan, with what it was made from: the page records, the recent turns (pinned
+        ones left out) and the pinned turns, so that `prompt` reads none of them again."""
         count = self._require(session_id)
         pinned = self._pinned(session_id, count)
         start, recent = self._window_start(session_id, count, pinned)
@@ -450,7 +457,7 @@ class OpticalMemory:
             )
             for r, tokens, age, mode in zip(records, page_tokens, ages, solution.modes)
         ]
-        return Plan(
+        plan = Plan(
             session_id=session_id,
             turns=count,
             counter=self.counter.name,
@@ -468,6 +475,7 @@ class OpticalMemory:
             pinned=tuple(pinned),
             pinned_tokens=pinned_tokens,
         )
+        return plan, records, text_turns, pinned_turns
 
     def _turns_at(self, session_id: str, indexes: Sequence[int]) -> list[Turn]:
         """The turns at these indexes (ascending), one read per run of consecutive indexes."""
@@ -503,7 +511,7 @@ class OpticalMemory:
     def prompt(self, session_id: str, query: str | None = None, budget: int | None = None) -> Prompt:
         """The plan for `query` as a `Prompt`: pages in context with their tiers and labels,
         the recent turns, the query. Needs no model."""
-        plan = self.plan(session_id, query, budget)
+        plan, records, kept, pinned_turns = self._plan(session_id, query, budget)
         if not plan.fits:
             raise ValueError(
                 f"session {session_id!r}: recent text ({plan.text_tokens}), query "
@@ -512,13 +520,11 @@ class OpticalMemory:
             )
         tiers = self.tiers
         now = time.time()
-        records = {r.index: r for r in self.pages(session_id)}
+        by_index = {r.index: r for r in records}
         pages = [
-            PromptPage(p, records[p.index], tiers[p.mode], page_label(p, now))
+            PromptPage(p, by_index[p.index], tiers[p.mode], page_label(p, now))
             for p in plan.in_context()
         ]
-        turns = self.store.turns(session_id, plan.text_start[0], plan.turns)
-        kept = _unpinned(turns, plan.pinned, plan.text_start)
         begun, offset = plan.text_start  # the first recent turn may have begun on a page
         recent = [(t.role, t.content[offset:] if t.index == begun else t.content) for t in kept]
         recent_messages = [
@@ -527,7 +533,6 @@ class OpticalMemory:
             else t.to_message()
             for t in kept
         ]
-        pinned_turns = self._turns_at(session_id, plan.pinned)
         return Prompt(
             session_id, plan, pages, recent, query, self,
             pinned=[(t.role, t.content) for t in pinned_turns],
