@@ -16,7 +16,7 @@ import os
 import time
 import unicodedata
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -296,10 +296,10 @@ class OpticalMemory:
         except StoreUnavailableError as exc:
             raise _with_turn_ids(exc, new) from exc
 
-    def _require(self, session_id: str) -> int:
+    def _require(self, session_id: str, new_ok: bool = False) -> int:
         check_id(session_id, "session id")
         count = self.store.turn_count(session_id)
-        if count == 0:
+        if count == 0 and not new_ok:
             raise UnknownSessionError(f"unknown session {session_id!r}: it holds no turns")
         return count
 
@@ -410,11 +410,12 @@ class OpticalMemory:
         return self._plan(session_id, query, budget)[0]
 
     def _plan(
-        self, session_id: str, query: str | None, budget: int | None
+        self, session_id: str, query: str | None, budget: int | None, new_ok: bool = False
     ) -> tuple[Plan, list[PageRecord], list[Turn], list[Turn]]:
         """The plan, with what it was made from: the page records, the recent turns (pinned
-        ones left out) and the pinned turns, so that `prompt` reads none of them again."""
-        count = self._require(session_id)
+        ones left out) and the pinned turns, so that `prompt` reads none of them again.
+        `new_ok`: a session without turns plans as empty (a question that opens it)."""
+        count = self._require(session_id, new_ok)
         pinned = self._pinned(session_id, count)
         start, recent = self._window_start(session_id, count, pinned)
         sealed, open_page = self.pager.sync(session_id, start, pinned)
@@ -508,10 +509,14 @@ class OpticalMemory:
         ]
 
     # --- the context as a model reads it --------------------------------------------
-    def prompt(self, session_id: str, query: str | None = None, budget: int | None = None) -> Prompt:
+    def prompt(
+        self, session_id: str, query: str | None = None, budget: int | None = None,
+        *, new_ok: bool = False,
+    ) -> Prompt:
         """The plan for `query` as a `Prompt`: pages in context with their tiers and labels,
-        the recent turns, the query. Needs no model."""
-        plan, records, kept, pinned_turns = self._plan(session_id, query, budget)
+        the recent turns, the query. Needs no model. `new_ok`: a session without turns is
+        no error (its prompt holds only the query; `ask` and `stream` open sessions so)."""
+        plan, records, kept, pinned_turns = self._plan(session_id, query, budget, new_ok)
         if not plan.fits:
             raise ValueError(
                 f"session {session_id!r}: recent text ({plan.text_tokens}), query "
@@ -634,7 +639,7 @@ class OpticalMemory:
         answer_tokens = max_new_tokens or self.policy.answer_tokens
         # a longer answer than the policy reserves takes its extra positions from the pages
         budget = self.window - max(0, answer_tokens - self.policy.answer_tokens)
-        return self.prompt(session_id, query, budget=budget), answer_tokens
+        return self.prompt(session_id, query, budget=budget, new_ok=True), answer_tokens
 
     def _store_answer(
         self, session_id: str, question: NewTurn, answer_id: str, answer: Answer, prompt: Prompt
@@ -643,7 +648,7 @@ class OpticalMemory:
         self.store.append(session_id, [question, reply])
         return replace(
             answer, question_id=question.turn_id, answer_id=answer_id,
-            positions=prompt.plan.positions(),
+            positions=prompt.plan.positions(), plan=prompt.plan,
         )
 
     def ask(
@@ -673,12 +678,13 @@ class OpticalMemory:
         max_new_tokens: int | None = None,
         turn_id: str | None = None,
         **options: Any,
-    ) -> Iterator[str]:
-        """`ask`, yielding the answer in pieces; the turns are appended once it is complete."""
+    ) -> Generator[str, None, Answer]:
+        """`ask`, yielding the answer in pieces; the turns are appended once it is complete.
+        The generator's return value (`StopIteration.value`) is the `Answer`, as from `ask`."""
         question, answer_id, stored = self._question(session_id, query, max_new_tokens, turn_id)
         if stored is not None:
             yield stored.text
-            return
+            return stored
         prompt, answer_tokens = self._prompt_for(session_id, query, max_new_tokens)
         stream = self.backend.stream(prompt, max_tokens=answer_tokens, **options)
         pieces = []
@@ -686,7 +692,7 @@ class OpticalMemory:
             pieces.append(piece)
             yield piece
         answer = stream.answer or Answer("".join(pieces), self.backend.name, "")
-        self._store_answer(session_id, question, answer_id, answer, prompt)
+        return self._store_answer(session_id, question, answer_id, answer, prompt)
 
     def stats(self, session_id: str) -> Stats:
         """Turns, pages per mode now, cache use of a session."""

@@ -25,6 +25,7 @@ from optical_memory.backends.profiles import Profile, Tier
 from optical_memory.tokens import TokenCounter, default_counter
 
 if TYPE_CHECKING:
+    from optical_memory.plan import Plan
     from optical_memory.prompt import Prompt
 
 
@@ -45,6 +46,7 @@ class Answer:
     question_id: str | None = None  # set by OpticalMemory.ask: the stored turns
     answer_id: str | None = None
     positions: dict[str, int] | None = None  # the context by kind (see Plan.positions)
+    plan: Plan | None = field(default=None, repr=False, compare=False)  # the context's plan
 
     def __str__(self) -> str:
         return self.text
