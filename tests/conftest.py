@@ -5,7 +5,9 @@ Test modules take these as fixtures and import nothing from each other or from h
 Redis runs use the real server at 127.0.0.1:6379 (database 15) under a key prefix
 of their own, removed afterwards; they are skipped when no server answers there. Tests that
 need a server of their own (settings, restarts, kill -9, a hung or stopped server) start
-redis-server processes with `redis_servers` instead.
+redis-server processes with `redis_servers` instead. A module that sets
+`STORE_ON_CLUSTER = True` runs its `store` / `store_factory` tests on a three-master Redis
+Cluster too (`redis_cluster`, started once per session on free loopback ports).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def _redis_available() -> bool:
 
 
 def _wipe_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
+    from optical_memory.stores.redis import _client
+
+    client = _client(url, {})  # a cluster's scan visits every node
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
@@ -98,11 +102,23 @@ def redis_prefix() -> Iterator[str]:
 def _make_store(kind: str, tmp_path, request, cache: CacheLimits | None = None) -> Store:
     if kind == "sqlite":
         return SQLiteStore(tmp_path / "memory.sqlite3", cache=cache)
+    if kind == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return RedisStore(url, prefix=request.getfixturevalue("cluster_prefix"), cache=cache)
     prefix = request.getfixturevalue("redis_prefix")
     return RedisStore(REDIS_URL, prefix=prefix, cache=cache)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+def pytest_generate_tests(metafunc) -> None:
+    """`store_kind`: sqlite and redis, and redis-cluster in modules with STORE_ON_CLUSTER."""
+    if "store_kind" in metafunc.fixturenames:
+        kinds = ["sqlite", "redis"]
+        if getattr(metafunc.module, "STORE_ON_CLUSTER", False):
+            kinds.append("redis-cluster")
+        metafunc.parametrize("store_kind", kinds, indirect=True)
+
+
+@pytest.fixture
 def store_kind(request) -> str:
     return request.param
 
@@ -227,6 +243,72 @@ def redis_servers(tmp_path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of three masters (no replicas) on free loopback ports, each a
+    `RedisServer` with cluster mode on, joined by `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        # the cluster bus port is given: by default it is the port + 10000, past 65535 for many
+        # free ports
+        self.nodes = [
+            RedisServer(
+                directory,
+                ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-port", str(_free_port())),
+            )
+            for _ in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The store URL of the cluster (any node seeds it)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )
+        if create.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout}{create.stderr}")
+        for _ in range(400):  # until every node has seen the others and serves all slots
+            states = [n.client().cluster("INFO") for n in self.nodes]  # parsed by redis-py
+            if all(state.get("cluster_state") == "ok" for state in states):
+                return self
+            time.sleep(0.025)
+        self.stop()
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterServers]:
+    """A started three-master `RedisClusterServers`, shared by the session's tests (each uses
+    a key prefix of its own: `cluster_prefix`); stopped by pid at the end. Skips the test when
+    redis-server or redis-cli is not installed."""
+    missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"a Redis Cluster needs {' and '.join(missing)}, not installed")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster) -> Iterator[str]:
+    """A fresh key prefix on `redis_cluster`, wiped afterwards."""
+    prefix = f"omtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    _wipe_prefix(redis_cluster.url, prefix)
 
 
 # --------------------------------------------------------------------------- model endpoints

@@ -13,6 +13,8 @@ from optical_memory.stores import CacheLimits
 
 KEY = cache_key("pagehash", "renderfp", "base", "modelfp")
 
+STORE_ON_CLUSTER = True  # the store fixtures run on a Redis Cluster too (conftest)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_tensor_round_trip_is_bit_exact(dtype):

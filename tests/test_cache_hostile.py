@@ -39,6 +39,7 @@ from optical_memory.memory import OpticalMemory
 from optical_memory.modes import get_mode
 from optical_memory.policy import Policy, Schedule
 
+STORE_ON_CLUSTER = True  # the store fixtures run on a Redis Cluster too (conftest)
 KEY = cache_key("pagehash", "renderfp", "tiny", "modelfp")
 OTHER_KEY = cache_key("otherpage", "renderfp", "tiny", "modelfp")
 SHAPE = (get_mode("tiny").vision_tokens(), 48)  # [73, 48]: a tiny page of a 48-wide encoder

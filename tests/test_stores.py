@@ -8,6 +8,8 @@ import pytest
 
 from optical_memory.stores import CacheLimits, NewTurn, TurnConflictError
 
+STORE_ON_CLUSTER = True  # the store fixtures run on a Redis Cluster too (conftest)
+
 
 def turns(*pairs: tuple[str, str], prefix: str = "t") -> list[NewTurn]:
     return [NewTurn(f"{prefix}{i}", role, content) for i, (role, content) in enumerate(pairs)]

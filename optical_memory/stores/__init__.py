@@ -53,12 +53,15 @@ def default_path() -> Path:
 STORE_ENV = "OPTICAL_MEMORY_STORE"
 STORE_FORMS = (
     "redis://[:password@]host[:port][/db][?cache=DB|URL], rediss://... (TLS), "
+    "redis+cluster://[:password@]host:port[?cache=URL] (a Redis Cluster, any node), "
     "unix:///path/to/redis.sock, "
     "sqlite:///absolute/path, sqlite://relative/path, or a file path"
 )
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_NEAR_SCHEME = re.compile(r"(redis|rediss|unix|sqlite):(?!//)", re.IGNORECASE)
+_NEAR_SCHEME = re.compile(
+    r"(redis|rediss|unix|sqlite|redis\+cluster|rediss\+cluster):(?!//)", re.IGNORECASE
+)
 
 
 def parse_store_url(store: str | os.PathLike) -> tuple[str, str]:
@@ -100,10 +103,14 @@ def parse_store_url(store: str | os.PathLike) -> tuple[str, str]:
             raise bad("the port must be a number from 0 to 65535") from None
         if not re.fullmatch(r"/?(\d+/?)?", parts.path):
             raise bad(f"the database must be a number, got {parts.path.lstrip('/')!r}")
+        if scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise bad("a Redis Cluster has database 0 only")
     query = parse_qsl(parts.query, keep_blank_values=True)
     caches = [value for key, value in query if key == "cache"]
     if len(caches) > 1:
         raise bad("'cache=' is given more than once")
+    if caches and caches[0].isdigit() and scheme.endswith("+cluster"):
+        raise bad("'cache=' of a Redis Cluster takes a URL: a cluster has database 0 only")
     if caches and not caches[0].isdigit():
         try:
             kind, _ = parse_store_url(caches[0])
@@ -111,7 +118,8 @@ def parse_store_url(store: str | os.PathLike) -> tuple[str, str]:
             kind = ""
         if kind != "redis" or "cache=" in urlsplit(caches[0]).query:
             raise bad(
-                "'cache=' takes a database number or a redis://, rediss:// or unix:// URL "
+                "'cache=' takes a database number or a redis://, rediss://, unix:// or "
+                "redis+cluster:// URL "
                 "(percent-encoded if it has a query of its own), without a cache of its own"
             )
     return "redis", store
@@ -125,7 +133,8 @@ def open_store(
     """A store from a URL or path; see `parse_store_url` (nothing is created for a bad one).
 
     None: $OPTICAL_MEMORY_STORE if set, else the embedded default file (`default_path`).
-    `redis://host:port/db`, `rediss://...` or `unix:///socket`: Redis. `sqlite:///abs/path`,
+    `redis://host:port/db`, `rediss://...` or `unix:///socket`: Redis;
+    `redis+cluster://host:port`: a Redis Cluster (see `RedisStore`). `sqlite:///abs/path`,
     `sqlite://relative/path` or a plain path: an SQLite file there.
 
     `cache_url` (Redis only; in a URL also `?cache=...`): where the vision-token cache lives

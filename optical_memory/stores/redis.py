@@ -16,6 +16,18 @@ shard and the Lua scripts below touch one slot only:
     P:sessions     set of session ids (outside the sessions' slots)
     P:store        hash: the store's marker: a random id, its creation time and a write
                    counter (`seq`, bumped by every append), written at the first append
+    P:{T}:eq:<key> set of reply keys waiting for a page's encoding; P:{T}:er:<id> a
+                   waiter's reply list (both with a TTL; see `optical_memory.encode_queue`)
+    P:encode:<id>  stream of pages to encode for encoder <id>, group "workers" (outside
+                   the sessions' slots: one stream for every session)
+
+Redis Cluster (`redis+cluster://host:port`, any node as the seed): every key of a
+session carries its tag, so it lives in one slot; a script or a transaction only
+ever names keys of one session, or a global key alone. Redis refuses anything else
+(CROSSSLOT), and the cluster tests run the whole store suite on a three-master
+cluster. Pipelines of scripts are not available on a cluster (redis-py blocks them):
+there those calls are sent one by one. The key names are those of the versions
+before clusters were supported: existing data reads unchanged.
 
 Appends are one Lua script: conflicts are checked before anything is written, so
 a failed append writes nothing. Durability is the server's (AOF `appendfsync`).
@@ -42,6 +54,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.cluster import RedisCluster
 
 from optical_memory.stores.base import (
     CacheLimits,
@@ -206,6 +219,32 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether `url` names a Redis Cluster (`redis+cluster://` or `rediss+cluster://`)."""
+    return urlsplit(url).scheme.lower() in CLUSTER_SCHEMES
+
+
+def _client(url: str, options: dict[str, Any]) -> redis.Redis | RedisCluster:
+    """A client for a server or, for a cluster URL, a cluster (the URL names one seed node;
+    the others are discovered)."""
+    if is_cluster_url(url):
+        parts = urlsplit(url)
+        plain = urlunsplit(parts._replace(scheme=parts.scheme.lower().split("+")[0]))
+        return RedisCluster.from_url(plain, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _per_node(reply: Any) -> list[dict[str, Any]]:
+    """A cluster command's reply sent to every primary: one dict per node (redis-py returns
+    the node's own reply when only one node answered)."""
+    if reply and all(isinstance(v, dict) for v in reply.values()):
+        return list(reply.values())
+    return [reply]
+
+
 class RedisStore(Store):
     """A store in the Redis server at `url` (redis://host:port/db), or on a given client.
 
@@ -220,8 +259,13 @@ class RedisStore(Store):
     (`StoreConfigError`); when the server answers neither, a `StoreWarning` says so.
     A client that saw the store's marker (key `P:store`) and finds it gone, replaced or
     gone back raises `DataLossError`, now and on every later call, instead of starting over;
-    it checks on every new connection and before every append. With `client=` the
-    connection check is not installed: appends still check, reads do not.
+    it checks on every new connection and before every append. With `client=` or on a
+    cluster the connection check is not installed: appends still check, reads do not.
+
+    `redis+cluster://host:port` (`rediss+cluster://` with TLS): a Redis Cluster through
+    redis-py's `RedisCluster`, seeded by that node; its only database is 0. Every primary's
+    `maxmemory-policy` is checked. The cache may live on a cluster too (`?cache=` a cluster
+    URL) or on a plain server beside a cluster.
     """
 
     def __init__(
@@ -241,6 +285,11 @@ class RedisStore(Store):
             raise ValueError("the cache's URL is given twice: cache_url= and ?cache= in the URL")
         cache_url = in_url if cache_url is None else cache_url
         if cache_url is not None and cache_url.isdigit():
+            if is_cluster_url(url):
+                raise ValueError(
+                    "a Redis Cluster has one database: give ?cache= (cache_url=) a URL, not "
+                    f"a database number ({cache_url})"
+                )
             cache_url = _with_db(url, int(cache_url))
         self.url = url
         self.cache_url = cache_url  # None: the cache lives beside the turn log
@@ -257,10 +306,13 @@ class RedisStore(Store):
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
         }
-        self._r = client or redis.Redis.from_url(
-            url, redis_connect_func=self._on_connect, **options
-        )
-        self._c = self._r if cache_url is None else redis.Redis.from_url(cache_url, **options)
+        if client is None and not is_cluster_url(url):
+            client = redis.Redis.from_url(url, redis_connect_func=self._on_connect, **options)
+        self._r = client or _client(url, options)
+        self._c = self._r if cache_url is None else _client(cache_url, options)
+        # pipelines of scripts are refused by redis-py on a cluster: those calls go one by one
+        self.cluster = isinstance(self._r, RedisCluster)
+        self._cache_cluster = isinstance(self._c, RedisCluster)
         self._append = self._r.register_script(_APPEND)
         self._add_pages = self._r.register_script(_ADD_PAGES)
         self._cache_get = self._c.register_script(_CACHE_GET)
@@ -268,6 +320,19 @@ class RedisStore(Store):
 
     def _key(self, session_id: str, part: str) -> str:
         return f"{self.prefix}:{{{session_key(session_id)}}}:{part}"
+
+    def key(self, session_id: str, part: str) -> str:
+        """The name of a key of the session (`P:{T}:part`), in the session's slot."""
+        return self._key(session_id, part)
+
+    def global_key(self, part: str) -> str:
+        """The name of a key of the store outside any session (`P:part`)."""
+        return f"{self.prefix}:{part}"
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The redis-py client of the turn log's server (or cluster)."""
+        return self._r
 
     def _call(self, what: str, fn: Callable[[], T], url: str | None = None) -> T:
         """Run `fn` (on the server at `url`, default the turn log's) after the first-use checks;
@@ -343,19 +408,32 @@ class RedisStore(Store):
     def _eviction_settings(self) -> tuple[str | None, int, str]:
         """(maxmemory-policy, maxmemory) from CONFIG GET, else INFO memory; (None, 0, why)
         when the server gives neither (CONFIG renamed away or refused by an ACL)."""
+        # on a cluster every primary answers; the first that may evict the turn log counts
+        nodes = {"target_nodes": RedisCluster.PRIMARIES} if self.cluster else {}
+
+        def worst(found: list[tuple[str, int]]) -> tuple[str, int]:
+            return next((f for f in found if f[0].startswith("allkeys-")), found[0])
+
         try:
-            got = {_text(k): _text(v) for k, v in self._r.config_get("maxmemory*").items()}
-            if got.get("maxmemory-policy"):
-                return got["maxmemory-policy"], int(got.get("maxmemory") or 0), ""
+            replies = self._r.config_get("maxmemory*", **nodes)
+            got = [{_text(k): _text(v) for k, v in r.items()} for r in _per_node(replies)]
+            if all(g.get("maxmemory-policy") for g in got):
+                policy, limit = worst(
+                    [(g["maxmemory-policy"], int(g.get("maxmemory") or 0)) for g in got]
+                )
+                return policy, limit, ""
             refused = "CONFIG GET gives no maxmemory-policy"
         except redis.ResponseError as exc:
             refused = f"CONFIG GET is refused ({exc})"
         try:
-            info = self._r.info("memory")
+            infos = _per_node(self._r.info("memory", **nodes))
         except redis.ResponseError as exc:
             return None, 0, f"{refused}, and so is INFO ({exc})"
-        if info.get("maxmemory_policy"):
-            return str(info["maxmemory_policy"]), int(info.get("maxmemory") or 0), ""
+        if all(info.get("maxmemory_policy") for info in infos):
+            policy, limit = worst(
+                [(str(i["maxmemory_policy"]), int(i.get("maxmemory") or 0)) for i in infos]
+            )
+            return policy, limit, ""
         return None, 0, f"{refused}, and INFO memory gives no maxmemory_policy"
 
     def _on_connect(self, connection: Any) -> None:
@@ -417,7 +495,7 @@ class RedisStore(Store):
         pipe = self._r.pipeline(transaction=False)
         pipe.hmget(self._marker, "id", "seq")
         pipe.exists(f"{self.prefix}:sessions")
-        if script is not None:
+        if script is not None and not self.cluster:  # a cluster: NOSCRIPT loads it (append)
             pipe.script_exists(script.sha)
         (found_id, found_seq), has_data, *loaded = pipe.execute()
         if loaded and not loaded[0][0]:
@@ -488,6 +566,13 @@ class RedisStore(Store):
         keys = [self._key(session_id, p) for p in ("turns", "ids", "meta")]
 
         def send() -> list[Any]:  # one round trip, the only one that writes
+            if self.cluster:  # no scripts in a cluster's pipelines: four calls, in this order
+                return [
+                    self._r.sadd(f"{self.prefix}:sessions", session_id),
+                    self._r.evalsha(self._append.sha, len(keys), *keys, *args),
+                    self._r.hsetnx(self._key(session_id, "meta"), "store", self._store_id),
+                    self._r.hincrby(self._marker, "seq", 1),
+                ]
             pipe = self._r.pipeline(transaction=False)
             pipe.sadd(f"{self.prefix}:sessions", session_id)
             pipe.evalsha(self._append.sha, len(keys), *keys, *args)
@@ -636,6 +721,8 @@ class RedisStore(Store):
         unique = list(dict.fromkeys(keys))
 
         def run() -> list[Any]:
+            if self._cache_cluster:  # no scripts in a cluster's pipelines
+                return [self._cache_get(*self._cache_args(session_id, key)) for key in unique]
             pipe = self._c.pipeline(transaction=False)
             for key in unique:
                 script_keys, args = self._cache_args(session_id, key)
@@ -644,6 +731,20 @@ class RedisStore(Store):
 
         values = self._call("cache read", run, self.cache_url) if unique else []
         return {key: bytes(v) for key, v in zip(unique, values) if v}
+
+    def cache_contains(self, session_id: str, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` the session's cache holds, without reading the values (one round
+        trip; recency unchanged)."""
+        unique = list(dict.fromkeys(keys))
+
+        def run() -> list[Any]:
+            pipe = self._c.pipeline(transaction=False)
+            for key in unique:
+                pipe.exists(self._key(session_id, "c:" + key))
+            return pipe.execute()
+
+        found = self._call("cache read", run, self.cache_url) if unique else []
+        return {key for key, n in zip(unique, found) if n}
 
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         keys, args = self._cache_args(session_id, key)
