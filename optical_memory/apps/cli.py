@@ -414,6 +414,79 @@ def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve (apps/server) -------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible chat endpoint with memory, a REST API and a memory viewer",
+    )
+    _store_option(p)
+    p.add_argument(
+        "--model",
+        help="the backend that answers: a DeepSeek-OCR checkpoint directory or "
+        "openai:http://host/v1?model=NAME&profile=NAME",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--keys",
+        help="API keys file: lines 'TENANT SHA256-OF-KEY' (also $OPTICAL_MEMORY_API_KEYS); "
+        "without keys the server is open",
+    )
+    p.add_argument(
+        "--add-key", metavar="TENANT",
+        help="make a new key for TENANT, append its hash to --keys, print the key, and exit",
+    )
+    p.add_argument(
+        "--max-body", type=int, default=16 * 1024 * 1024,
+        help="bytes of one request body; larger ones get 413 (default: 16 MiB)",
+    )
+    p.add_argument("--device", help="cpu or cuda for a local checkpoint")
+    p.add_argument("--threads", type=int, help="worker threads for memory and model calls")
+    p.add_argument(
+        "--debug", action="store_true", help="debug logs, which include message content"
+    )
+    p.set_defaults(handler=_memory_errors(_serve))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from optical_memory.apps import server
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("starlette", "uvicorn", "prometheus_client"):
+            raise
+        raise SystemExit(
+            "optical-memory serve: needs the server libraries: pip install 'optical-memory[serve]'"
+        ) from None
+    if args.add_key is not None:
+        if not args.keys:
+            raise ValueError("--add-key needs --keys FILE (the file that keeps the key's hash)")
+        key = server.add_key(args.keys, args.add_key)
+        print(key)
+        print(f"(the key of tenant {args.add_key!r}; {args.keys} keeps only its hash)",
+              file=sys.stderr)
+        return 0
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1 to 65535, got {args.port}")
+    if args.max_body < 1024:
+        raise ValueError(f"--max-body must be at least 1024 bytes, got {args.max_body}")
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve(
+            args.store, args.model, host=args.host, port=args.port, keys_file=args.keys,
+            max_body=args.max_body, debug=args.debug, device=args.device,
+            threads=args.threads,
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from optical_memory import __version__
 
@@ -428,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ocr(sub)
     _add_memory_commands(sub)
     _add_mcp(sub)
+    _add_serve(sub)
     return parser
 
 
