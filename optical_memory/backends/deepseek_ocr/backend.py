@@ -48,6 +48,8 @@ class DeepSeekOCRBackend(Backend):
     """DeepSeek-OCR from a local checkpoint directory (or an already loaded `OpticalModel`).
 
     `device` and `dtype` default to CUDA in bf16 when available, else CPU in float32.
+    `batching`: answers from all threads share the model's continuous-batching `Scheduler`
+    (default: on for CUDA); `scheduler` holds its options (max_batch, kv_cache_tokens, ...).
     """
 
     name = "deepseek-ocr"
@@ -58,7 +60,10 @@ class DeepSeekOCRBackend(Backend):
         *,
         device: str | None = None,
         dtype: str | None = None,
+        batching: bool | None = None,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
+        self._batching, self._scheduler_options = batching, dict(scheduler or {})
         self._model: OpticalModel | None = None
         self.path: Path | None = None
         if isinstance(checkpoint, (str, os.PathLike)):
@@ -180,7 +185,7 @@ class DeepSeekOCRBackend(Backend):
     ) -> Answer:
         """Greedy unless `do_sample`; other options as `OpticalModel.generate`."""
         segments = self.context(prompt, progress).segments
-        ids = self.model.generate_ids(segments, max_new_tokens=max_tokens, **generation)
+        ids = list(self._tokens(segments, max_tokens, generation))
         finished = bool(ids) and ids[-1] == self.model.tokenizer.eos_id
         return Answer(
             self.model.answer_text(ids), self.name, str(self.path or "deepseek-ocr"),
@@ -197,10 +202,29 @@ class DeepSeekOCRBackend(Backend):
 
         def pieces() -> Iterator[str]:
             text = []
-            for piece in self.model.stream(segments, max_new_tokens=max_tokens, **generation):
-                text.append(piece)
-                yield piece
+            tokens = self._tokens(segments, max_tokens, generation)
+            try:
+                for piece in self.model.text_pieces(tokens):
+                    text.append(piece)
+                    yield piece
+            finally:  # a consumer that stops early cancels its request
+                getattr(tokens, "close", lambda: None)()
             result.answer = Answer("".join(text), self.name, str(self.path or "deepseek-ocr"))
 
         result.pieces = pieces()
         return result
+
+    def _tokens(self, segments: list[Any], max_tokens: int, generation: dict) -> Iterator[int]:
+        """New token ids as they come: through the shared scheduler when batching, else alone.
+        Closing the iterator early (a client gone) cancels the request."""
+        from optical_memory.backends.deepseek_ocr.generation import GenerationConfig, generate_ids
+
+        model = self.model
+        config = GenerationConfig(max_new_tokens=max_tokens, **generation)
+        inputs = model.assemble(segments, config.max_new_tokens)
+        batching = self._batching
+        if batching is None:
+            batching = model.decoder.device.type == "cuda"
+        if not batching:
+            return generate_ids(model.decoder, inputs, config, model.tokenizer.eos_id)
+        return iter(model.scheduler(**self._scheduler_options).submit(inputs, config))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from optical_memory.backends.deepseek_ocr.context import (
 from optical_memory.backends.deepseek_ocr.generation import GenerationConfig, generate_ids
 from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder, build_decoder
 from optical_memory.backends.deepseek_ocr.runtime import Encoder
+from optical_memory.backends.deepseek_ocr.scheduler import Scheduler
 from optical_memory.backends.deepseek_ocr.tokenizer import OCRTokenizer
 
 
@@ -106,6 +108,8 @@ class OpticalModel:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.window = decoder.config.max_position_embeddings
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
         self._assembler = ContextAssembler(
             tokenizer,
             decoder.embed_tokens,
@@ -141,6 +145,14 @@ class OpticalModel:
         inputs = self.assemble(segments, config.max_new_tokens)
         return list(generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id))
 
+    def scheduler(self, **options: Any) -> Scheduler:
+        """The model's continuous-batching scheduler, created on first use with `options`
+        (see `Scheduler`); one per model, shared by every thread."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.decoder, self.tokenizer.eos_id, **options)
+            return self._scheduler
+
     def answer_text(self, ids: list[int]) -> str:
         """Generated ids as text, the final EOS (if reached) removed."""
         return self.tokenizer.decode(ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids)
@@ -174,9 +186,13 @@ class OpticalModel:
         """
         config = GenerationConfig(**options)
         inputs = self.assemble(segments, config.max_new_tokens)
+        yield from self.text_pieces(generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id))
+
+    def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Generated ids -> text pieces as they come (EOS dropped; incomplete UTF-8 held back)."""
         ids: list[int] = []
         sent = ""
-        for token in generate_ids(self.decoder, inputs, config, self.tokenizer.eos_id):
+        for token in tokens:
             if token == self.tokenizer.eos_id:
                 break
             ids.append(token)
