@@ -26,6 +26,7 @@ from tqdm import tqdm
 from optical_memory.backends import Answer, Backend, Profile, Tier, get_profile, open_backend
 from optical_memory.backends.profiles import deepseek_ocr_profile
 from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key, encode_png
+from optical_memory.fox import page_precision
 from optical_memory.messages import (
     IMAGE_SLOT,
     MAX_IMAGE_BYTES,
@@ -36,9 +37,18 @@ from optical_memory.messages import (
 )
 from optical_memory.modes import FADING_ORDER
 from optical_memory.pages import Pager, PageRecord
-from optical_memory.plan import PagePlan, Plan
+from optical_memory.plan import TEXT, PagePlan, Plan, Recalled
 from optical_memory.policy import Policy, solve
-from optical_memory.prompt import Prompt, PromptPage, format_query, format_turns, page_label
+from optical_memory.prompt import (
+    Prompt,
+    PromptPage,
+    format_query,
+    format_turns,
+    page_label,
+    recalled_label,
+)
+from optical_memory.recall import RECALL_LABEL_TOKENS, Candidate, PageFacts, choose
+from optical_memory.search import Hit
 from optical_memory.stores import CacheLimits, NewTurn, Store, Turn, open_store
 from optical_memory.stores.base import StoreUnavailableError, TurnConflictError, same_turn
 from optical_memory.tokens import TokenCounter, default_counter
@@ -436,47 +446,117 @@ class OpticalMemory:
         tiers = self.tiers
         costs = {name: tier.cost for name, tier in tiers.items()}
         labels = self.profile.label_tokens
-        schedule = self.policy.schedule
-        if schedule.unit == "turns":
-            ages = [count - 1 - r.last_turn for r in records]
+        policy = replace(self.policy, window=window)
+        if policy.age_unit == "turns":
+            ages = [float(count - 1 - r.last_turn) for r in records]
         else:
             now = time.time()
             ages = [max(0.0, now - r.newest_time) for r in records]
         fixed = (
-            pinned_tokens + text_tokens + query_tokens + self.policy.answer_tokens
-            + self.policy.overhead
+            pinned_tokens + text_tokens + query_tokens + policy.answer_tokens + policy.overhead
         )
-        policy = replace(self.policy, window=window)
         page_tokens = self._page_tokens(session_id, records)
-        solution = solve(
-            ages, page_tokens, {name: c + labels for name, c in costs.items()}, fixed, policy
-        )
+        recalled: list[Recalled] = []
+        if policy.planner == "schedule":
+            solution = solve(
+                ages, page_tokens, {name: c + labels for name, c in costs.items()}, fixed, policy
+            )
+            modes, fits = solution.modes, solution.fits
+            precisions = [
+                page_precision(t, tiers[m].tokens) if m else 0.0
+                for t, m in zip(page_tokens, modes)
+            ]
+            scores, raised = [0.0] * len(records), [False] * len(records)
+        else:
+            facts = [
+                PageFacts(r.first_turn, r.last_turn, t, r.turns - len(r.skipped), age)
+                for r, t, age in zip(records, page_tokens, ages)
+            ]
+            hits, candidates = self._recall(session_id, query, records, text_start, pinned, policy)
+            choice = choose(
+                policy, facts, tiers, labels, max(0, window - fixed), hits, candidates
+            )
+            modes, precisions = choice.modes, choice.precisions
+            scores, raised = choice.scores, choice.raised
+            recalled = [
+                Recalled(c.hit.turn, next(r.index for r in records
+                                          if r.first_turn <= c.hit.turn <= r.last_turn),
+                         c.hit.score, c.tokens)
+                for c in sorted(choice.recalled, key=lambda c: c.hit.turn)
+            ]
+            if TEXT in modes:  # the newest pages are text: the recent text begins on the first
+                text_start = records[modes.index(TEXT)].start
+                later = self.store.turns(session_id, text_start[0], count)
+                text_turns = _unpinned(later, pinned, text_start)
+                text_tokens = self.counter.count(format_turns(text_turns, text_start[1]))
+            fits = True  # checked below against the plan's own total
         pages = [
             PagePlan(
                 r.index, r.first_turn, r.last_turn, r.sealed, tokens, age, mode,
-                costs[mode] if mode else 0, r.content_hash, r.newest_time,
+                costs.get(mode, 0), r.content_hash, r.newest_time,
+                precision, score, up,
             )
-            for r, tokens, age, mode in zip(records, page_tokens, ages, solution.modes)
+            for r, tokens, age, mode, precision, score, up in zip(
+                records, page_tokens, ages, modes, precisions, scores, raised
+            )
         ]
         plan = Plan(
             session_id=session_id,
             turns=count,
             counter=self.counter.name,
             window=window,
-            age_unit=schedule.unit,
+            age_unit=policy.age_unit,
             pages=pages,
             text_start=text_start,
             text_tokens=text_tokens,
             query_tokens=query_tokens,
-            answer_tokens=self.policy.answer_tokens,
-            overhead=self.policy.overhead,
-            fits=solution.fits,
+            answer_tokens=policy.answer_tokens,
+            overhead=policy.overhead,
+            fits=True,
             page_costs=costs,
             label_tokens=labels,
             pinned=tuple(pinned),
             pinned_tokens=pinned_tokens,
+            recalled=tuple(recalled),
+            planner=policy.planner,
         )
+        plan = replace(plan, fits=fits and plan.total <= window)
         return plan, records, text_turns, pinned_turns
+
+    def search(self, session_id: str, query: str, limit: int = 10) -> list[Hit]:
+        """The session's turns that best match `query` (BM25 over the turn log), best first."""
+        self._require(session_id)
+        return self.store.search(session_id, query, limit)
+
+    def _recall(
+        self,
+        session_id: str,
+        query: str | None,
+        records: Sequence[PageRecord],
+        text_start: tuple[int, int],
+        pinned: Collection[int],
+        policy: Policy,
+    ) -> tuple[list[Hit], list[Candidate]]:
+        """The query's hits on the pages (those scoring at least `min_score` of the best), and
+        those that may be restored verbatim with their cost as text."""
+        if not query or not records or policy.recall_hits == 0:
+            return [], []
+        paged = records[-1].end[0] if records[-1].end[1] == 0 else records[-1].end[0] + 1
+        found = [
+            h for h in self.store.search(session_id, query, policy.recall_hits + len(pinned))
+            if h.turn < paged and h.turn not in pinned
+        ][: policy.recall_hits]
+        if not found:
+            return [], []
+        hits = [h for h in found if h.score >= policy.min_score * found[0].score]
+        if policy.verbatim_tokens == 0:
+            return hits, []
+        turns = {t.index: t for t in self._turns_at(session_id, sorted(h.turn for h in hits))}
+        candidates = [
+            Candidate(h, self.counter.count(format_turns([turns[h.turn]])) + RECALL_LABEL_TOKENS)
+            for h in hits
+        ]
+        return hits, candidates
 
     def _turns_at(self, session_id: str, indexes: Sequence[int]) -> list[Turn]:
         """The turns at these indexes (ascending), one read per run of consecutive indexes."""
@@ -538,11 +618,15 @@ class OpticalMemory:
             else t.to_message()
             for t in kept
         ]
+        recalled = self._turns_at(session_id, [r.turn for r in plan.recalled])
         return Prompt(
             session_id, plan, pages, recent, query, self,
             pinned=[(t.role, t.content) for t in pinned_turns],
             recent_messages=recent_messages,
             pinned_messages=[t.to_message() for t in pinned_turns],
+            recalled=[
+                (recalled_label(t.index, t.created, now), t.role, t.content) for t in recalled
+            ],
         )
 
     def messages(
@@ -698,7 +782,7 @@ class OpticalMemory:
         """Turns, pages per mode now, cache use of a session."""
         plan = self.plan(session_id)
         info = self.store.info(session_id)
-        by_mode = {m: 0 for m in (*FADING_ORDER, "out")}
+        by_mode = {m: 0 for m in (TEXT, *FADING_ORDER, "out")}
         for p in plan.pages:
             by_mode[p.mode or "out"] += 1
         return Stats(

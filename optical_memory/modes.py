@@ -46,6 +46,19 @@ class Mode:
             return (1, 1)
         return tile_grid(width, height, tile_size=self.tile_size)
 
+    def grid_tokens(self, width: int | None = None, height: int | None = None) -> int:
+        """Vision tokens as the DeepSeek-OCR paper counts them: the feature grids of the global
+        view and of any local tiles, without newline and separator positions."""
+        n = self.grid
+        tokens = n * n
+        if self.tiled:
+            if width is None or height is None:
+                raise ValueError("gundam token count needs the image width and height")
+            tiles_w, tiles_h = self.tile_grid(width, height)
+            if tiles_w > 1 or tiles_h > 1:
+                tokens += tiles_w * tiles_h * grid_side(self.tile_size) ** 2
+        return tokens
+
     def vision_tokens(self, width: int | None = None, height: int | None = None) -> int:
         """Vision tokens for one image, newlines and the view separator included.
 

@@ -15,7 +15,7 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from optical_memory.modes import FADING_ORDER, MODES
-from optical_memory.plan import Plan
+from optical_memory.plan import TEXT, Plan
 
 TIER_COLORS = {
     "gundam": "#1b7837",
@@ -27,7 +27,7 @@ TIER_COLORS = {
     "text": "#b2182b",
 }
 # How strongly a thumbnail shows, by tier: the faded look of older memory.
-TIER_ALPHA = {"gundam": 1.0, "large": 0.85, "base": 0.7, "small": 0.55, "tiny": 0.42, "out": 0.12}
+TIER_ALPHA = {"text": 1.0, "gundam": 1.0, "large": 0.85, "base": 0.7, "small": 0.55, "tiny": 0.42, "out": 0.12}
 
 
 def encoder_detail(image: Image.Image, mode: str) -> Image.Image:
@@ -160,7 +160,7 @@ def memory_figure(
     counts = {r["tier"]: r["pages"] for r in plan.rows()}
     handles = [
         Patch(facecolor="white", edgecolor=TIER_COLORS[t], linewidth=2, label=f"{t} ({counts[t]})")
-        for t in (*FADING_ORDER, "out") if counts.get(t)
+        for t in ("text", *FADING_ORDER, "out") if counts.get(t)
     ]
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.1 / height),
                ncol=max(1, len(handles)), frameon=False, fontsize=9,
@@ -200,12 +200,12 @@ def tokens_figure(plan: Plan) -> plt.Figure:
     left.set_ylabel("tokens per page")
     left.set_title("every page: what it holds and what it costs")
     left.invert_xaxis()
-    tier_handles = [Patch(color=TIER_COLORS[t], label=t) for t in FADING_ORDER
+    tier_handles = [Patch(color=TIER_COLORS[t], label=t) for t in (TEXT, *FADING_ORDER)
                     if any(p.mode == t for p in pages)]
     left.legend(handles=[Patch(color="#d9d9d9", label="text tokens held"), *tier_handles],
                 fontsize=8, loc="upper center", ncol=3)
 
-    newest_first = sorted(pages, key=lambda p: p.age)
+    newest_first = sorted((p for p in pages if p.mode != TEXT), key=lambda p: p.age)
     x = [0.0] + [p.age for p in newest_first]
     text = plan.pinned_tokens + plan.text_tokens
     plain = np.cumsum([text] + [p.text_tokens for p in newest_first])

@@ -8,10 +8,18 @@ from typing import Any
 
 from optical_memory.modes import FADING_ORDER
 
+TEXT = "text"  # a page shown as its text (it is then part of the recent text)
+
 
 @dataclass(frozen=True)
 class PagePlan:
-    """One page in a plan: its place in the history and its mode now (None: out of the context)."""
+    """One page in a plan: its place in the history and its mode now: a tier, "text" (its
+    turns are part of the recent text), or None (out of the context).
+
+    `precision` is the expected reading precision of the page as planned (`optical_memory.fox`:
+    1.0 as text, 0.0 out); `score` the BM25 score of the query's best hit on the page (0.0:
+    none); `raised` whether the query raised it (exempt from forgetting's order).
+    """
 
     index: int
     first_turn: int
@@ -23,6 +31,19 @@ class PagePlan:
     vision_tokens: int  # positions of its image at its tier (0 when out), as the backend counts
     content_hash: str
     newest_time: float  # creation time of its newest turn (for labels such as "3 days ago")
+    precision: float = 0.0
+    score: float = 0.0
+    raised: bool = False
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """A turn restored as exact text because the query needs it ("verbatim recall")."""
+
+    turn: int
+    page: int
+    score: float
+    tokens: int  # positions it takes in the context, its label included
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,8 @@ class Plan:
     label_tokens: int = 0  # positions reserved for each page's text label in context
     pinned: tuple[int, ...] = ()  # turns kept as text first (system, developer, pinned)
     pinned_tokens: int = 0
+    recalled: tuple[Recalled, ...] = ()  # turns restored verbatim for the query, in turn order
+    planner: str = "readable"
 
     @property
     def labels(self) -> int:
@@ -56,12 +79,13 @@ class Plan:
         return sum(p.vision_tokens for p in self.pages)
 
     @property
+    def recalled_tokens(self) -> int:
+        return sum(r.tokens for r in self.recalled)
+
+    @property
     def total(self) -> int:
         """Decoder positions the context takes, the answer reserve included."""
-        return (
-            self.pinned_tokens + self.vision_tokens + self.labels + self.text_tokens
-            + self.query_tokens + self.answer_tokens + self.overhead
-        )
+        return sum(self.positions().values())
 
     def positions(self) -> dict[str, int]:
         """The context's positions by kind; they add up to `total`."""
@@ -69,6 +93,7 @@ class Plan:
             "pinned": self.pinned_tokens,
             "vision": self.vision_tokens,
             "labels": self.labels,
+            "recalled": self.recalled_tokens,
             "text": self.text_tokens,
             "query": self.query_tokens,
             "answer": self.answer_tokens,
@@ -77,8 +102,29 @@ class Plan:
 
     @property
     def history_tokens(self) -> int:
-        """The whole history as plain text (pinned and recent text plus every page's text)."""
-        return self.pinned_tokens + self.text_tokens + sum(p.text_tokens for p in self.pages)
+        """The whole history as plain text (pinned and recent text plus every other page's text)."""
+        return self.pinned_tokens + self.text_tokens + sum(
+            p.text_tokens for p in self.pages if p.mode != TEXT
+        )
+
+    @property
+    def readable(self) -> float:
+        """Expected readable fraction of the whole history: each page's text at its expected
+        precision, pinned and recent text at 1.0 (turns recalled verbatim are not counted)."""
+        read = self.pinned_tokens + self.text_tokens + sum(
+            p.text_tokens * p.precision for p in self.pages if p.mode != TEXT
+        )
+        return read / self.history_tokens if self.history_tokens else 1.0
+
+    def turn_precision(self, turn: int) -> float:
+        """Expected precision at which the context holds turn `turn`: 1.0 as text (pinned,
+        recent or recalled), its pages' lowest precision as an image, 0.0 out."""
+        if turn in self.pinned or turn >= self.text_start[0] or any(
+            r.turn == turn for r in self.recalled
+        ):
+            return 1.0
+        on = [p.precision for p in self.pages if p.first_turn <= turn <= p.last_turn]
+        return min(on) if on else 0.0
 
     @property
     def text_turns(self) -> int:
@@ -86,7 +132,12 @@ class Plan:
         return self.turns - self.text_start[0] - sum(i >= self.text_start[0] for i in self.pinned)
 
     def in_context(self) -> list[PagePlan]:
-        return [p for p in self.pages if p.mode is not None]
+        """The pages sent as images (pages shown as text are part of the recent text)."""
+        return [p for p in self.pages if p.mode is not None and p.mode != TEXT]
+
+    def raised(self) -> list[PagePlan]:
+        """The pages the query raised, best score first."""
+        return sorted((p for p in self.pages if p.raised), key=lambda p: (-p.score, p.index))
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per tier: the pinned text, pages per mode, then out, then the recent text."""
@@ -117,7 +168,7 @@ class Plan:
         rows.append(
             {
                 "tier": "text",
-                "pages": 0,
+                "pages": sum(p.mode == TEXT for p in self.pages),
                 "turns": self.text_turns,
                 "text_tokens": self.text_tokens,
                 "context_tokens": self.text_tokens,
@@ -147,10 +198,12 @@ class Plan:
         kept = text + sum(p.text_tokens for p in self.in_context())
         used = text + self.vision_tokens
         extra = self.query_tokens + self.answer_tokens + self.overhead + self.labels
+        extra += self.recalled_tokens
         lines.append(
             f"query {self.query_tokens:,} + answer reserve {self.answer_tokens:,} + "
             f"prompt {self.overhead:,}"
             + (f" + page labels {self.labels:,}" if self.labels else "")
+            + (f" + recalled turns {self.recalled_tokens:,}" if self.recalled else "")
             + f" = {extra:,} positions"
         )
         lines.append(
@@ -163,8 +216,19 @@ class Plan:
         lines.append(
             f"plain text: the whole history is {self.history_tokens:,} tokens "
             f"({windows:.1f} windows); optical memory keeps "
-            f"{kept / max(1, self.history_tokens):.0%} of it in context"
+            f"{kept / max(1, self.history_tokens):.0%} of it in context, "
+            f"{self.readable:.1%} readable by the Fox figures"
         )
+        for p in self.raised():
+            lines.append(
+                f"raised by the query: page {p.index} (turns {p.first_turn + 1}-"
+                f"{p.last_turn + 1}, score {p.score:.2f}) at {p.mode or 'out'}"
+            )
+        for r in self.recalled:
+            lines.append(
+                f"recalled verbatim: turn {r.turn + 1} (page {r.page}, score {r.score:.2f}, "
+                f"{r.tokens} positions)"
+            )
         return "\n".join(lines)
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -191,6 +255,9 @@ class Plan:
             "total": self.total,
             "fits": self.fits,
             "history_tokens": self.history_tokens,
+            "readable": self.readable,
+            "planner": self.planner,
+            "recalled": [dict(vars(r)) for r in self.recalled],
             "tiers": self.rows(),
             "pages": [dict(vars(p)) for p in self.pages],
         }

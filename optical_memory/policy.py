@@ -1,4 +1,9 @@
-"""The forgetting policy: page age -> resolution mode, and the budget solver.
+"""The forgetting policy: what stays text, how pages fade, and the budget they must fit.
+
+Two planners spend the window. "readable" (the default, `optical_memory.solver`)
+gives each page the option (its text, a tier, or out) that keeps the most
+expected readable text of the history, weighted by a forgetting curve and by the
+query. "schedule" is the fixed age schedule below.
 
 The older a page, the fewer vision tokens it may cost: a schedule maps age
 (in turns since the page's newest turn, or in seconds) to a mode, from gundam
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from optical_memory.modes import FADING_ORDER, get_mode
 
 AGE_UNITS = ("turns", "seconds")
+PLANNERS = ("readable", "schedule")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,16 @@ OUT = len(FADING_ORDER)
 class Policy:
     """What stays text, how pages fade, and the decoder budget they must fit.
 
+    Planner "readable": a page's text tokens count toward the value of an option at its
+    expected precision (`optical_memory.fox`), weighted by 0.5 ** (age / `half_life`)
+    (age in `half_life_unit`: "turns" or "seconds"; None: no forgetting). With `monotone`
+    a newer page is never blurrier than an older one, unless the query raised the older
+    one: a query's best `recall_hits` turns by BM25 (those scoring at least `min_score`
+    of the best) raise their pages, whose weight grows by up to `relevance_boost` times,
+    and up to `verbatim_tokens` positions restore those turns as exact text where their
+    page is not text already (0: no verbatim recall). Planner "schedule": the fixed
+    `schedule` and the rules below.
+
     Text window: the last `recent_turns` turns stay text, fewer if they hold more
     than `recent_tokens` tokens or a quarter of the decoder window. The context must fit `window` positions with
     `answer_tokens` reserved for the answer and `overhead` for the prompt's
@@ -83,14 +99,40 @@ class Policy:
     overhead: int = 8
     floor: str = "tiny"
     min_compression: float = 1.0
+    planner: str = "readable"
+    half_life: float | None = 2000.0
+    half_life_unit: str = "turns"
+    monotone: bool = True
+    recall_hits: int = 8
+    min_score: float = 0.3
+    relevance_boost: float = 8.0
+    verbatim_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in (
-            "recent_turns", "recent_tokens", "window", "answer_tokens", "overhead", "min_compression"
+            "recent_turns", "recent_tokens", "window", "answer_tokens", "overhead",
+            "min_compression", "recall_hits", "min_score", "relevance_boost", "verbatim_tokens",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"policy {name} must not be negative, got {getattr(self, name)}")
         get_mode(self.floor)
+        if self.planner not in PLANNERS:
+            raise ValueError(f"policy planner must be one of {PLANNERS}, got {self.planner!r}")
+        if self.half_life_unit not in AGE_UNITS:
+            raise ValueError(
+                f"policy half_life_unit must be one of {AGE_UNITS}, got {self.half_life_unit!r}"
+            )
+        if self.half_life is not None and not self.half_life > 0:
+            raise ValueError(f"policy half_life must be positive or None, got {self.half_life}")
+
+    @property
+    def age_unit(self) -> str:
+        """The unit plan ages are in: the schedule's, or the forgetting curve's."""
+        return self.schedule.unit if self.planner == "schedule" else self.half_life_unit
+
+    def age_weight(self, age: float) -> float:
+        """The forgetting curve: how much a page of this age counts (1 now, 1/2 a half-life ago)."""
+        return 1.0 if self.half_life is None else 0.5 ** (age / self.half_life)
 
     @property
     def floor_level(self) -> int:

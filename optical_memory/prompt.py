@@ -22,6 +22,7 @@ from optical_memory.plan import PagePlan, Plan
 from optical_memory.stores import Store
 
 PAGES_INTRO = "Earlier in this conversation (pages of the transcript, oldest first):"
+RECALLED_INTRO = "Exact text of earlier turns on those pages:"
 
 
 def format_turns(turns: Iterable[Any], first_offset: int = 0) -> str:
@@ -72,6 +73,12 @@ class PageSource(Protocol):
     ) -> list[str]: ...
 
 
+def recalled_label(turn: int, created: float, now: float | None = None) -> str:
+    """'turn 878, 3 days ago' (turns numbered from 1)."""
+    age = age_text(max(0.0, (time.time() if now is None else now) - created))
+    return f"turn {turn + 1}, {age}"
+
+
 @dataclass(frozen=True)
 class PromptPage:
     """A page in context: its plan entry and stored record, the tier it is sent at, its label."""
@@ -103,9 +110,18 @@ class Prompt:
     # intact); a turn a page has begun is {"role", "content": the rest of its render text}
     recent_messages: list[dict[str, Any]] = field(default_factory=list)
     pinned_messages: list[dict[str, Any]] = field(default_factory=list)
+    # turns restored verbatim for the query: (label, role, content), in turn order
+    recalled: list[tuple[str, str, str]] = field(default_factory=list)
 
     def recent_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.recent)
+
+    def recalled_text(self) -> str:
+        """The recalled turns as one block of text ("" when there are none)."""
+        if not self.recalled:
+            return ""
+        lines = [f"({label}) {role}: {content}" for label, role, content in self.recalled]
+        return "\n".join([RECALLED_INTRO, *lines])
 
     def pinned_text(self) -> str:
         return "\n".join(f"{role}: {content}" for role, content in self.pinned)
@@ -116,18 +132,22 @@ class Prompt:
 
     def messages(self, include_query: bool = True) -> list[dict[str, Any]]:
         """OpenAI chat messages: the pinned turns, one user message of labelled page images
-        (PNG data URLs at each page's tier geometry, oldest first), the recent turns as they
-        were given (see `messages.chat_messages` for what a chat API cannot take), the query
+        (PNG data URLs at each page's tier geometry, oldest first) and of the turns recalled
+        verbatim for the query, the recent turns as they were given (see `messages.chat_messages` for what a chat API cannot take), the query
         (unless `include_query` is false: planned for, left for the caller to send)."""
         out = chat_messages(self.pinned_messages)
+        parts: list[dict[str, Any]] = []
         if self.pages:
-            parts: list[dict[str, Any]] = [{"type": "text", "text": PAGES_INTRO}]
+            parts.append({"type": "text", "text": PAGES_INTRO})
             for page, png in zip(self.pages, self.page_pngs()):
                 image: dict[str, str] = {"url": "data:image/png;base64," + png}
                 if page.tier.detail:
                     image["detail"] = page.tier.detail
                 parts.append({"type": "text", "text": page.label})
                 parts.append({"type": "image_url", "image_url": image})
+        if self.recalled:
+            parts.append({"type": "text", "text": self.recalled_text()})
+        if parts:
             out.append({"role": "user", "content": parts})
         out.extend(chat_messages(self.recent_messages))
         if self.query and include_query:

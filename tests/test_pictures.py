@@ -15,12 +15,16 @@ from optical_memory.conversation import build_conversation
 from optical_memory.demo import page_thumbnails
 from optical_memory.memory import OpticalMemory
 from optical_memory.pictures import memory_figure, tokens_figure
+from optical_memory.policy import Policy
 
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     """The demo's 1000-turn session: its plan and thumbnails."""
-    mem = OpticalMemory(tmp_path_factory.mktemp("pictures") / "m.sqlite3")
+    # the fixed schedule spreads the pages over every tier, from gundam to tiny
+    mem = OpticalMemory(
+        tmp_path_factory.mktemp("pictures") / "m.sqlite3", policy=Policy(planner="schedule")
+    )
     mem.extend("s", build_conversation(1000))
     mem.pages("s")
     plan = mem.plan("s", query="When do we launch?")

@@ -38,7 +38,7 @@ def test_the_system_prompt_stays_first_and_text_in_every_plan(mem):
         assert prompt.pinned_text() == f"system: {SYSTEM['content']}"
         assert all(role != "system" for role, _ in prompt.recent)
         assert plan.total == plan.pinned_tokens + plan.vision_tokens + plan.labels + (
-            plan.text_tokens + plan.query_tokens + plan.answer_tokens + plan.overhead
+            plan.recalled_tokens + plan.text_tokens + plan.query_tokens + plan.answer_tokens + plan.overhead
         )
 
 

@@ -34,6 +34,9 @@ class Tier:
     height: int
     cost: int
     detail: str | None = None  # OpenAI image `detail` ("low" / "high"), where the model has one
+    # vision tokens as compression ratios count them (the encoder's grid, without newline,
+    # separator or start/end positions); the expected precision of a page is read from them
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Profile:
     detail: Mapping[str, str] = field(default_factory=dict)
     label_tokens: int = 0  # positions reserved per page for its text label ("turns 3-9, ...")
     source: str = ""
+    # vision tokens without the positions that carry no image content (see Tier.tokens);
+    # None: the cost
+    tokens: Callable[[str, int, int, str | None], int] | None = None
 
     def tiers(self, canvas: tuple[int, int]) -> dict[str, Tier]:
         """Each tier's Tier for pages rendered on `canvas`: fitted within the tier's geometry."""
@@ -54,7 +60,9 @@ class Profile:
         for name in FADING_ORDER:
             width, height = fit_within(canvas, self.geometry[name])
             detail = self.detail.get(name)
-            out[name] = Tier(name, width, height, self.cost(name, width, height, detail), detail)
+            cost = self.cost(name, width, height, detail)
+            tokens = self.tokens(name, width, height, detail) if self.tokens else cost
+            out[name] = Tier(name, width, height, cost, detail, tokens)
         return out
 
     def with_window(self, window: int) -> Profile:
@@ -81,6 +89,15 @@ def deepseek_ocr_cost(tier: str, width: int, height: int, detail: str | None = N
     return MODES[tier].vision_tokens(width, height)
 
 
+def deepseek_ocr_tokens(tier: str, width: int, height: int, detail: str | None = None) -> int:
+    """The encoder's grid at each tier, as the DeepSeek-OCR paper counts vision tokens."""
+    return MODES[tier].grid_tokens(width, height)
+
+
+def fixed_mode_tokens(mode: str, tier: str, width: int, height: int, detail: str | None = None) -> int:
+    return MODES[mode].grid_tokens(width, height)
+
+
 def fixed_mode_cost(mode: str, tier: str, width: int, height: int, detail: str | None = None) -> int:
     """A server that fixes the mode (vLLM's DeepSeek-OCR) encodes every page at that mode."""
     return MODES[mode].vision_tokens(width, height)
@@ -93,7 +110,7 @@ def deepseek_ocr_profile(window: int = 8192) -> Profile:
         name: None if MODES[name].tiled else (MODES[name].base_size,) * 2 for name in FADING_ORDER
     }
     return Profile(
-        "deepseek-ocr", window, geometry, deepseek_ocr_cost,
+        "deepseek-ocr", window, geometry, deepseek_ocr_cost, tokens=deepseek_ocr_tokens,
         source="DeepSeek-OCR (deepseek-ai/DeepSeek-OCR): modes tiny 512, small 640, base 1024, "
         "large 1280, gundam 1024 + 640 tiles",
     )
@@ -118,6 +135,7 @@ def deepseek_ocr_vllm_profile(mode: str = "gundam", window: int = 8192) -> Profi
         geometry = {name: (spec.base_size, spec.base_size) for name in FADING_ORDER}
     return Profile(
         "deepseek-ocr-vllm", window, geometry, partial(fixed_mode_cost, mode), label_tokens=16,
+        tokens=partial(fixed_mode_tokens, mode),
         source="vLLM DeepSeek-OCR processor (BASE_SIZE, IMAGE_SIZE, CROP_MODE per server)",
     )
 
@@ -166,6 +184,7 @@ def qwen2_vl_profile(
     cost = partial(qwen_cost, min_pixels=min_pixels, max_pixels=max_pixels)
     return Profile(
         name, window, geometry, cost, label_tokens=16,
+        tokens=lambda *args: cost(*args) - 2,  # without <|vision_start|> and <|vision_end|>
         source="transformers Qwen2VLImageProcessor: patch 14, merge 2, min_pixels 3136, "
         "max_pixels 12845056",
     )

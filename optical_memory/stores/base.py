@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optical_memory.messages import dump_json
+from optical_memory.search import Hit, TurnIndex
 
 
 class StoreError(RuntimeError):
@@ -266,6 +267,18 @@ class Store(ABC):
     @abstractmethod
     def delete(self, session_id: str) -> bool:
         """Remove a session and everything derived from it; False if it did not exist."""
+
+    def search(self, session_id: str, query: str, limit: int = 10) -> list[Hit]:
+        """The session's turns that best match `query` by BM25, best first (ties: newer first).
+
+        This default indexes the turn log in this process (`optical_memory.search.TurnIndex`:
+        SQLite FTS5 in memory, caught up on each call); a store that keeps an index of its
+        own overrides it.
+        """
+        index = self.__dict__.get("_turn_index")
+        if index is None:
+            index = self.__dict__.setdefault("_turn_index", TurnIndex())
+        return index.search(self, session_id, query, limit)
 
     # --- pages ----------------------------------------------------------------------
     @abstractmethod

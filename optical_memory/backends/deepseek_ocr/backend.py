@@ -12,6 +12,7 @@ the model itself is loaded on first use.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +24,15 @@ from tqdm import tqdm
 from optical_memory.backends.base import Answer, AnswerStream, Backend
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.backends.profiles import Profile, deepseek_ocr_profile
-from optical_memory.cache import cache_key
+from optical_memory.cache import IMAGE_MODE, cache_key
+from optical_memory.encode_queue import (
+    EncodeError,
+    EncodeTimeoutError,
+    LocalEncodeQueue,
+    PageJob,
+    RedisEncodeQueue,
+    describe_pages,
+)
 from optical_memory.modes import get_mode
 from optical_memory.plan import PagePlan, Plan
 from optical_memory.prompt import PageSource, Prompt, format_query
@@ -33,6 +42,9 @@ if TYPE_CHECKING:
     import torch
 
     from optical_memory.backends.deepseek_ocr.model import OpticalModel
+    from optical_memory.pages import PageRecord
+
+ENCODINGS = ("local", "workers", "inline")
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,19 @@ class DeepSeekOCRBackend(Backend):
     `device` and `dtype` default to CUDA in bf16 when available, else CPU in float32.
     `batching`: answers from all threads share the model's continuous-batching `Scheduler`
     (default: on for CUDA); `scheduler` holds its options (max_batch, kv_cache_tokens, ...).
+
+    Pages missing from the vision-token cache are encoded by `encoding`:
+    - "local" (default): one queue and one encoding thread per backend, shared by every
+      session and thread using it: up to `encode_batch` pages of one tier per forward pass,
+      taken from all concurrent `context()` / `ask()` calls (see `LocalEncodeQueue`);
+    - "workers": queued in the Redis store's encode stream and encoded by
+      `optical-memory worker` processes on any machines (see `RedisEncodeQueue`; the store
+      must be a Redis store, plain or cluster, and the workers must load the same weights in
+      the same dtype); this process renders the pages and reads their vision tokens from the
+      cache;
+    - "inline": in the calling thread, batches of one call's pages only.
+    A call waits at most `encode_timeout_s` for its pages (`EncodeTimeoutError`, naming them).
+    `encode_queue_depth` tells how many pages are waiting or being encoded.
     """
 
     name = "deepseek-ocr"
@@ -62,7 +87,22 @@ class DeepSeekOCRBackend(Backend):
         dtype: str | None = None,
         batching: bool | None = None,
         scheduler: dict[str, Any] | None = None,
+        encoding: str = "local",
+        encode_batch: int = 8,
+        encode_timeout_s: float = 300.0,
     ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+        if encode_batch < 1:
+            raise ValueError(f"encode_batch must be at least 1, got {encode_batch}")
+        if encode_timeout_s <= 0:
+            raise ValueError(f"encode_timeout_s must be positive, got {encode_timeout_s}")
+        self.encoding = encoding
+        self.encode_batch = encode_batch
+        self.encode_timeout_s = encode_timeout_s
+        self._queue_lock = threading.Lock()
+        self._local_queue: LocalEncodeQueue | None = None
+        self._redis_queues: dict[int, RedisEncodeQueue] = {}  # by id of the store
         self._batching, self._scheduler_options = batching, dict(scheduler or {})
         self._model: OpticalModel | None = None
         self.path: Path | None = None
@@ -118,6 +158,42 @@ class DeepSeekOCRBackend(Backend):
         )
 
     # --- vision tokens ----------------------------------------------------------------
+    @property
+    def encode_queue(self) -> LocalEncodeQueue:
+        """The in-process encode queue (created on first use; encoding="local")."""
+        with self._queue_lock:
+            if self._local_queue is None:
+                encoder = self.model.encoder
+                self._local_queue = LocalEncodeQueue(
+                    lambda mode, views: encoder.encode_views(views), batch=self.encode_batch
+                )
+            return self._local_queue
+
+    @property
+    def encode_queue_depth(self) -> int:
+        """Pages waiting to be encoded or being encoded now: the in-process queue's, or with
+        encoding="workers" the Redis encode stream's (every process's pages; 0 before this
+        backend's first use of it)."""
+        if self.encoding == "workers":
+            return sum(queue.depth for queue in list(self._redis_queues.values()))
+        queue = self._local_queue
+        return queue.depth if queue is not None else 0
+
+    def _redis_queue(self, store: Any, encoder_id: str) -> RedisEncodeQueue:
+        from optical_memory.stores.redis import RedisStore
+
+        if not isinstance(store, RedisStore):
+            raise ValueError(  # noqa: TRY004 (a configuration error, not a wrong argument type)
+                'encoding="workers" shares pages through a Redis store (redis:// or '
+                f'redis+cluster://), not {type(store).__name__}; use encoding="local" here'
+            )
+        with self._queue_lock:
+            queue = self._redis_queues.get(id(store))
+            if queue is None or queue.store is not store:
+                queue = RedisEncodeQueue(store, encoder_id, timeout_s=self.encode_timeout_s)
+                self._redis_queues[id(store)] = queue
+            return queue
+
     def encode_pages(
         self,
         memory: PageSource,
@@ -128,7 +204,8 @@ class DeepSeekOCRBackend(Backend):
     ) -> tuple[list[torch.Tensor], int]:
         """Vision tokens of the plan's pages in context, oldest first; encodes only cache misses.
 
-        Misses are encoded in batches of up to `batch_size` pages of one mode.
+        Misses go to the backend's `encoding` (see the class); `batch_size` bounds the
+        batches of encoding="inline" (the queues take `encode_batch`).
         """
         encoder = self.model.encoder
         dtype = str(encoder.dtype).removeprefix("torch.")
@@ -158,6 +235,16 @@ class DeepSeekOCRBackend(Backend):
         encoded = sum(len(group) for group in misses.values())
         memory.store.count_cache(session_id, hits=len(out), misses=encoded)
         with tqdm(total=encoded, desc="encoding pages", unit="page", disable=not progress) as bar:
+            if encoded and self.encoding != "inline":
+                queued = sorted(
+                    (item for group in misses.values() for item in group),
+                    key=lambda item: item[0].index,
+                )
+                encode = self._encode_local if self.encoding == "local" else self._encode_workers
+                for p, embedding in encode(memory, session_id, records, queued, shapes, dtype):
+                    out[p.index] = embedding
+                    bar.update(1)
+                misses = {}
             for mode, group in misses.items():
                 for start in range(0, len(group), batch_size):
                     chunk = group[start : start + batch_size]
@@ -169,13 +256,90 @@ class DeepSeekOCRBackend(Backend):
                     bar.update(len(chunk))
         return [out[p.index] for p in wanted], encoded
 
+    def _encode_local(
+        self,
+        memory: PageSource,
+        session_id: str,
+        records: dict[int, PageRecord],
+        queued: list[tuple[PagePlan, str]],
+        shapes: dict[int, tuple[int, int]],
+        dtype: str,
+    ) -> Iterator[tuple[PagePlan, torch.Tensor]]:
+        """Through the in-process queue: views made here (in the caller's thread, beside
+        other callers'), forward passes in the queue's thread."""
+        import time
+
+        from optical_memory.backends.deepseek_ocr.preprocess import make_views
+
+        queue = self.encode_queue
+        futures = []
+        for p, key in queued:
+            views = make_views(memory.page_image(session_id, records[p.index]), p.mode)
+            job = PageJob(session_id, key, p.index, p.mode)
+            futures.append((p, key, job, *queue.submit(job, views)))
+        deadline = time.monotonic() + self.encode_timeout_s
+        for n, (p, key, _, future, owner) in enumerate(futures):
+            try:
+                embedding = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                late = [f[2] for f in futures[n:] if not f[3].done()]
+                raise EncodeTimeoutError(
+                    f"{len(late)} page(s) not encoded within the {self.encode_timeout_s:g} s "
+                    f"encode timeout: {describe_pages(late)}; the in-process queue holds "
+                    f"{queue.depth} page(s)",
+                    late,
+                ) from None
+            if owner and tuple(embedding.shape) == shapes[p.index]:  # else never read back
+                memory.cache.put_tensor(session_id, key, embedding)
+            yield p, embedding
+
+    def _encode_workers(
+        self,
+        memory: PageSource,
+        session_id: str,
+        records: dict[int, PageRecord],
+        queued: list[tuple[PagePlan, str]],
+        shapes: dict[int, tuple[int, int]],
+        dtype: str,
+    ) -> Iterator[tuple[PagePlan, torch.Tensor]]:
+        """Through the Redis encode stream: the page images put in the cache here, the vision
+        tokens encoded by workers into the cache and read back."""
+        store = memory.store
+        queue = self._redis_queue(store, self.model.encoder.cache_id)
+        jobs = []
+        for p, key in queued:
+            record = records[p.index]
+            image_key = cache_key(record.content_hash, record.fingerprint, IMAGE_MODE, "")
+            size = (record.width, record.height)
+            jobs.append(PageJob(session_id, key, p.index, p.mode, image_key, size))
+        have = store.cache_contains(session_id, [job.image_key for job in jobs])
+        for (p, _), job in zip(queued, jobs):
+            if job.image_key not in have:
+                record = records[p.index]
+                image = memory.page_image(session_id, record)  # cached there when sealed
+                if not record.sealed:
+                    memory.cache.put_image(session_id, job.image_key, image)
+        queue.encode(jobs)
+        for (p, key), job in zip(queued, jobs):
+            embedding = memory.cache.get_tensor(
+                session_id, key, shape=shapes[p.index], dtypes=(dtype,)
+            )
+            if embedding is None:
+                raise EncodeError(
+                    f"the vision tokens of {job.describe()} were encoded by a worker but are "
+                    "not readable from the cache (evicted by its size bound, or they failed "
+                    "their checks and were dropped); ask again"
+                )
+            yield p, embedding
+
     def context(self, prompt: Prompt, progress: bool = False) -> Context:
         """Decoder inputs: the pinned text, page embeddings (cached or encoded now), then the
-        recent text and the query."""
+        turns recalled verbatim, the recent text and the query."""
         embeddings, encoded = self.encode_pages(
             prompt.memory, prompt.session_id, prompt.plan, progress
         )
-        text = "\n" + prompt.recent_text() + format_query(prompt.query or "")
+        recalled = "\n" + prompt.recalled_text() if prompt.recalled else ""
+        text = recalled + "\n" + prompt.recent_text() + format_query(prompt.query or "")
         pinned = [prompt.pinned_text() + "\n"] if prompt.pinned else []
         return Context(prompt.plan, [*pinned, *embeddings, text], encoded)
 

@@ -1,0 +1,141 @@
+"""The "readable" planner: which option each page gets, which pages the query raises, which
+turns come back verbatim. Pure arithmetic on what the store holds (`OpticalMemory.plan`
+gathers it), so it is deterministic and needs no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from optical_memory.backends.profiles import Tier
+from optical_memory.fox import OUT_PRECISION, TEXT_PRECISION, page_precision
+from optical_memory.modes import FADING_ORDER
+from optical_memory.plan import TEXT
+from optical_memory.policy import Policy
+from optical_memory.search import Hit
+from optical_memory.solver import solve_readable
+
+OPTIONS: tuple[str | None, ...] = (TEXT, *FADING_ORDER, None)
+TURN_TEXT_OVERHEAD = 4  # positions a turn takes as text beyond its content ("role: ", newline)
+RECALL_LABEL_TOKENS = 16  # positions reserved for a recalled turn's label
+
+
+@dataclass(frozen=True)
+class PageFacts:
+    """What the planner knows of a page: its turns, text size and age."""
+
+    first_turn: int
+    last_turn: int
+    text_tokens: int
+    turns: int  # turns (or parts of turns) it holds
+    age: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A query hit that may be restored verbatim: the turn, its score, its cost as text."""
+
+    hit: Hit
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The planner's answer: per page its mode, precision, score and whether it was raised;
+    the recalled hits."""
+
+    modes: list[str | None]
+    precisions: list[float]
+    scores: list[float]
+    raised: list[bool]
+    recalled: list[Candidate]
+
+
+def page_scores(pages: Sequence[PageFacts], hits: Sequence[Hit]) -> list[float]:
+    """Per page, the best score of a hit on it (0.0 for none)."""
+    scores = [0.0] * len(pages)
+    for hit in hits:
+        for i, page in enumerate(pages):
+            if page.first_turn <= hit.turn <= page.last_turn:
+                scores[i] = max(scores[i], hit.score)
+    return scores
+
+
+def choose(
+    policy: Policy,
+    pages: Sequence[PageFacts],
+    tiers: Mapping[str, Tier],
+    label_tokens: int,
+    budget: int,
+    hits: Sequence[Hit] = (),
+    candidates: Sequence[Candidate] = (),
+) -> Choice:
+    """Spend `budget` positions on the pages (oldest first) and the verbatim `candidates`.
+
+    `hits` are the query's retained hits on these pages (best first); a page holding one is
+    raised: weighted up by its score and left out of forgetting's order. Recalled candidates
+    take their positions first, within `policy.verbatim_tokens`.
+    """
+    n = len(pages)
+    scores = page_scores(pages, hits)
+    best = max(scores, default=0.0)
+    recalled: list[Candidate] = []
+    spent = 0
+    for c in candidates:
+        if spent + c.tokens <= min(policy.verbatim_tokens, budget):
+            recalled.append(c)
+            spent += c.tokens
+    budget -= spent
+
+    precision = np.zeros((n, len(OPTIONS)))
+    costs = np.zeros((n, len(OPTIONS)))
+    for i, page in enumerate(pages):
+        for j, option in enumerate(OPTIONS):
+            if option == TEXT:
+                precision[i, j] = TEXT_PRECISION
+                costs[i, j] = page.text_tokens + TURN_TEXT_OVERHEAD * page.turns
+            elif option is None:
+                precision[i, j] = OUT_PRECISION
+            else:
+                tier = tiers[option]
+                precision[i, j] = page_precision(page.text_tokens, tier.tokens)
+                costs[i, j] = tier.cost + label_tokens
+    weight = np.array([
+        policy.age_weight(p.age) * (1.0 + policy.relevance_boost * s / best if best else 1.0)
+        for p, s in zip(pages, scores)
+    ])
+    values = weight[:, None] * np.array([p.text_tokens for p in pages])[:, None] * precision
+
+    everything = np.ones(n, dtype=bool)
+    # The text run the history has without the query: pages there stay in the chain (and
+    # may stay text); older pages with hits are raised, out of forgetting's order.
+    plain = values / weight[:, None] * np.array([policy.age_weight(p.age) for p in pages])[:, None]
+    first = solve_readable(plain, costs, budget, everything, policy.monotone) if n else []
+    run = next((i for i, o in enumerate(first) if o == 0), n)
+    raised = {i for i, s in enumerate(scores) if s > 0 and i < run}
+    while True:  # a raised page inside the text run joins it: its turns are text there
+        chained = np.array([i not in raised for i in range(n)], dtype=bool)
+        offered = values.copy()
+        offered[list(raised), 0] = -np.inf  # raised pages are restored verbatim, not as text
+        picked = solve_readable(offered, costs, budget, chained, policy.monotone) if n else []
+        text = [i for i, o in enumerate(picked) if o == 0]
+        inside = {i for i in raised if text and i > min(text)}
+        if not inside:
+            break
+        raised -= inside
+    modes = [OPTIONS[o] for o in picked]
+    in_text = {i for i, m in enumerate(modes) if m == TEXT}
+    recalled = [
+        c for c in recalled
+        if not any(pages[i].first_turn <= c.hit.turn <= pages[i].last_turn for i in in_text)
+    ]
+    return Choice(
+        modes,
+        [float(precision[i, o]) for i, o in enumerate(picked)],
+        scores,
+        [i in raised for i in range(n)],
+        recalled,
+    )
