@@ -313,9 +313,10 @@ class OpticalMemory:
             raise UnknownSessionError(f"unknown session {session_id!r}: it holds no turns")
         return count
 
-    def turns(self, session_id: str) -> list[Turn]:
+    def turns(self, session_id: str, start: int = 0, stop: int | None = None) -> list[Turn]:
+        """The stored turns with start <= index < stop (stop None: to the end)."""
         self._require(session_id)
-        return self.store.turns(session_id)
+        return self.store.turns(session_id, start, stop)
 
     def sessions(self) -> list[str]:
         return self.store.sessions()
@@ -397,9 +398,10 @@ class OpticalMemory:
         """Seal the pages that are due; all pages of the session, the open one last.
 
         With `progress`, sealing goes in steps of 50 turns under a progress bar (the
-        pages are the same: a full page does not depend on the turns after it).
+        pages are the same: a full page does not depend on the turns after it). A session
+        without turns has none (a question opening it reads no pages).
         """
-        count = self._require(session_id)
+        count = self._require(session_id, new_ok=True)
         pinned = self._pinned(session_id, count)
         start, _ = self._window_start(session_id, count, pinned)
         done = min(start, self.store.info(session_id).cursor) if progress else start

@@ -112,9 +112,12 @@ def choose(
     everything = np.ones(n, dtype=bool)
     # The text run the history has without the query: pages there stay in the chain (and
     # may stay text); older pages with hits are raised, out of forgetting's order.
-    plain = values / weight[:, None] * np.array([policy.age_weight(p.age) for p in pages])[:, None]
-    first = solve_readable(plain, costs, budget, everything, policy.monotone) if n else []
-    run = next((i for i, o in enumerate(first) if o == 0), n)
+    run = n
+    if best:
+        ages = np.array([policy.age_weight(p.age) for p in pages])
+        plain = ages[:, None] * np.array([p.text_tokens for p in pages])[:, None] * precision
+        first = solve_readable(plain, costs, budget, everything, policy.monotone)
+        run = next((i for i, o in enumerate(first) if o == 0), n)
     raised = {i for i, s in enumerate(scores) if s > 0 and i < run}
     while True:  # a raised page inside the text run joins it: its turns are text there
         chained = np.array([i not in raised for i in range(n)], dtype=bool)

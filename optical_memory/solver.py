@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRID = 48
+GRID = 24
 
 
 def solve_readable(
@@ -53,25 +53,24 @@ def solve_readable(
     finite = np.isfinite(values) & (costs > 0)
     scale = float((values[finite] / costs[finite]).max()) if finite.any() else 1.0
     prices = np.concatenate(([0.0], np.geomspace(1e-6 * scale, 10 * scale + 1e-9, GRID)))
-    best = _cheapest_fitting(values, costs, chain, free, prices, budget, monotone)
+    best, chosen = _cheapest_fitting(values, costs, chain, free, prices, budget, monotone)
     if best > 0:  # refine between the last price that did not fit and the first that did
         prices = np.linspace(prices[best - 1], prices[best], GRID)
-        best_fine = _cheapest_fitting(values, costs, chain, free, prices, budget, monotone)
-        chosen = _choose(values, costs, chain, free, prices[best_fine : best_fine + 1], monotone)[0]
-    else:
-        chosen = _choose(values, costs, chain, free, prices[:1], monotone)[0]
+        _, chosen = _cheapest_fitting(values, costs, chain, free, prices, budget, monotone)
     return _fill(values, costs, chosen, budget, chained, monotone).tolist()
 
 
 def _cheapest_fitting(
     values: np.ndarray, costs: np.ndarray, chain: np.ndarray, free: np.ndarray,
     prices: np.ndarray, budget: float, monotone: bool,
-) -> int:
-    """Index of the smallest price whose choice fits (the last price if none does)."""
+) -> tuple[int, np.ndarray]:
+    """The index of the smallest price whose choice fits (the last price if none does) and
+    that choice."""
     choices = _choose(values, costs, chain, free, prices, monotone)  # [K, n]
     spent = costs[np.arange(values.shape[0]), choices].sum(axis=1)
     fitting = np.flatnonzero(spent <= budget)
-    return int(fitting[0]) if fitting.size else len(prices) - 1
+    best = int(fitting[0]) if fitting.size else len(prices) - 1
+    return best, choices[best]
 
 
 def _choose(

@@ -49,5 +49,9 @@ def test_cli_ingest_plan_stats(tmp_path, capsys):
     assert plan["turns"] == 120 and plan["fits"]
     assert main(["stats", "chat", "--store", store]) == 0
     assert "pages sealed" in capsys.readouterr().out
+    assert main(["search", "chat", "launch date", "--limit", "3", "--store", store]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert 1 <= len(hits) <= 3 and all("launch" in h["content"].lower() for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     with pytest.raises(SystemExit, match="unknown session 'nobody'"):
         main(["plan", "nobody", "--store", store])

@@ -218,6 +218,18 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    import json
+
+    with _open_memory(args) as mem:
+        hits = [(h, mem.turns(args.session, h.turn, h.turn + 1)[0])
+                for h in mem.search(args.session, args.query, args.limit)]
+    for hit, turn in hits:
+        print(json.dumps({"turn": hit.turn, "score": round(hit.score, 4), "turn_id": turn.turn_id,
+                          "role": turn.role, "content": turn.content}, ensure_ascii=False))
+    return 0
+
+
 def _sessions(args: argparse.Namespace) -> int:
     with _open_memory(args) as mem:
         for session_id in mem.sessions():
@@ -344,6 +356,13 @@ def _add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("session")
     _store_option(p)
     p.set_defaults(handler=_memory_errors(_stats))
+
+    p = sub.add_parser("search", help="the turns that best match a query (BM25), as JSONL")
+    p.add_argument("session")
+    p.add_argument("query")
+    p.add_argument("--limit", type=int, default=10, help="at most this many turns (default 10)")
+    _store_option(p)
+    p.set_defaults(handler=_memory_errors(_search))
 
     p = sub.add_parser("sessions", help="the sessions of the store, one id per line")
     _store_option(p)
