@@ -14,6 +14,8 @@ root=$(pwd -P)
 stamp="build/setup-${extras//,/-}.stamp"
 
 fonts=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)
+# the test extras also drive the memory viewer in headless Chromium (Debian's, never a download)
+case ",${extras}," in *,test,*) fonts+=(chromium chromium-driver) ;; esac
 missing=()
 for pkg in "${fonts[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

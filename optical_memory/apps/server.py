@@ -570,14 +570,15 @@ class Server:
 
         from PIL import Image
 
+        tiers = self.memory.tiers
+        if tier is not None and tier not in tiers and tier not in ("text", "out", "full"):
+            raise ApiError(400, f"unknown tier {tier!r}: one of {', '.join(tiers)}, or full "
+                           "(the page as rendered)", "tier")
         records = self.memory.pages(sid)
         record = next((r for r in records if r.index == number), None)
         if record is None:
             raise ApiError(404, f"session {session!r} has no page {number} (it has "
                            f"{len(records)} pages)", "page", "not_found_error", "page_not_found")
-        tiers = self.memory.tiers
-        if tier is not None and tier not in tiers and tier not in ("text", "out", "full"):
-            raise ApiError(400, f"unknown tier {tier!r}: one of {', '.join(tiers)}", "tier")
         if tier in tiers:
             png = base64.b64decode(self.memory.page_pngs(sid, [(record, tiers[tier])])[0])
             if width is None:
@@ -1006,7 +1007,11 @@ def create_app(
             404: f"no route {request.method} {request.url.path}",
             405: f"method {request.method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
-        return ApiError(exc.status_code, message, None, kind).response()
+        response = ApiError(exc.status_code, message, None, kind).response()
+        rid = request.headers.get("x-request-id", "")
+        response.headers["X-Request-Id"] = rid if REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+        server.metrics.requests.labels("unmatched", request.method, str(exc.status_code)).inc()
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -1067,3 +1072,56 @@ def serve(
                     timeout_graceful_shutdown=10)
     finally:
         memory.close()
+
+
+class BackgroundServer:
+    """An app served by uvicorn in a thread of this process, on a free loopback port (for tests,
+    benchmarks and notebooks): `with BackgroundServer(app) as server: server.base_url`."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+
+        import uvicorn
+
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI client's base URL."""
+        return self.url + "/v1"
+
+    def start(self) -> BackgroundServer:
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True,
+            name=f"serve-{self.port}",
+        )
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._socket.close()
+
+    def __enter__(self) -> BackgroundServer:  # noqa: PYI034
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
