@@ -298,7 +298,8 @@ class Metrics:
         self.hit_ratio.set_function(self._ratio)
         self.queue = prom.Gauge(
             "optical_memory_encode_queue_depth",
-            "Pages waiting to be encoded (0: pages are encoded in the request that needs them)",
+            "Pages waiting to be encoded or being encoded (the backend's encode_queue_depth; "
+            "0 for a backend without an encode queue)",
             registry=r,
         )
         self.queue.set(0)
@@ -383,6 +384,7 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         memory.cache = CountingCache(memory.store, self.metrics)
+        self.metrics.queue.set_function(lambda: _queue_depth(memory.backend))
         models = [config.model_id]
         upstream = getattr(memory.backend, "model", None)
         if isinstance(upstream, str) and upstream not in models:
@@ -888,6 +890,13 @@ class Server:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(iterate_in_threadpool(events()), media_type="text/event-stream",
                                  headers=headers)
+
+
+def _queue_depth(backend: Any) -> float:
+    try:
+        return float(getattr(backend, "encode_queue_depth", 0) or 0)
+    except Exception:  # noqa: BLE001 (a scrape never fails on a backend's trouble)
+        return float("nan")
 
 
 def _ms(t0: float) -> float:

@@ -213,7 +213,9 @@ def tokens_chart(plan: Mapping[str, Any]) -> str:
          int(p.get("vision_tokens", 0)) if _mode(p) != "text" else int(p.get("text_tokens", 0)))
         for p in pages
     ]
-    recent = int(plan.get("text_tokens", 0))
+    # pages shown as text are part of the plan's recent text: counted once, at their page
+    shown = sum(int(p.get("text_tokens", 0)) for p in pages if _mode(p) == "text")
+    recent = max(0, int(plan.get("text_tokens", 0)) - shown)
     bars.append(("recent", "recent", recent, recent))
     top = max([1, *(max(b[2], b[3]) for b in bars)])
     width, height, left, bottom = 760, 220, 48, 28
