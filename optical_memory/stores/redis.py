@@ -441,24 +441,42 @@ class RedisStore(Store):
         command of ours: a server that came back empty or from an older snapshot is caught
         before anything is read or written through it."""
         connection.on_connect()
+        seen = self._seen()  # before the read: other threads may write meanwhile
         connection.send_command("HMGET", self._marker, "id", "seq")
         found_id, found_seq = connection.read_response()
         try:
-            self._verify(found_id, found_seq)
+            self._verify(found_id, found_seq, seen)
         except DataLossError:
             connection.disconnect()
             raise
 
-    def _verify(self, found_id: bytes | str | None, found_seq: bytes | str | None) -> None:
-        """Compare the marker as found with what this client saw; remember it the first time."""
+    def _seen(self) -> tuple[str | None, int]:
+        """The marker as this client has seen it so far: (store id, write counter)."""
+        with self._state:
+            return self._store_id, self._seq
+
+    def _verify(
+        self,
+        found_id: bytes | str | None,
+        found_seq: bytes | str | None,
+        seen: tuple[str | None, int] | None = None,
+    ) -> None:
+        """Compare the marker as found with what this client saw before reading it (`seen`,
+        default: now); remember it the first time. A read that started before another thread's
+        write finished may find the marker older than that write: only what was seen before
+        the read began counts."""
         store_id, seq = _text(found_id), int(found_seq or 0)
         with self._state:
             if self._lost:
                 raise DataLossError(self._lost)
-            if self._store_id is None:
-                if store_id is not None:
+            seen_id, seen_seq = seen if seen is not None else (self._store_id, self._seq)
+            if seen_id is None:
+                if store_id is not None and self._store_id is None:
                     self._store_id, self._seq = store_id, seq
-                return
+                if store_id is None or store_id == self._store_id:
+                    if store_id is not None:
+                        self._seq = max(self._seq, seq)
+                    return
             if store_id is None:
                 why = (
                     f"its marker {self._marker!r} is gone: the server was flushed or restarted "
@@ -469,14 +487,14 @@ class RedisStore(Store):
                     f"its marker names another store ({store_id}, not {self._store_id}): the "
                     "data was wiped and the store created again"
                 )
-            elif seq < self._seq:
+            elif seq < seen_seq:
                 why = (
-                    f"its write counter went back from {self._seq} to {seq}: the server came "
+                    f"its write counter went back from {seen_seq} to {seq}: the server came "
                     "back from an older snapshot (RDB only, or an AOF not synced before a "
                     "crash) or failed over to a replica that was behind"
                 )
             else:
-                self._seq = seq
+                self._seq = max(self._seq, seq)
                 return
             self._lose(why)
 
@@ -492,6 +510,7 @@ class RedisStore(Store):
         """Check the marker; where there is none, adopt sessions of a version without markers,
         refuse sessions written under a marker, or (`create`) write the marker of a new store.
         In the same round trip, load `script` (a registered Script) if the server lacks it."""
+        seen = self._seen()
         pipe = self._r.pipeline(transaction=False)
         pipe.hmget(self._marker, "id", "seq")
         pipe.exists(f"{self.prefix}:sessions")
@@ -500,7 +519,7 @@ class RedisStore(Store):
         (found_id, found_seq), has_data, *loaded = pipe.execute()
         if loaded and not loaded[0][0]:
             self._r.script_load(script.script)
-        self._verify(found_id, found_seq)  # no marker where this client saw one: DataLossError
+        self._verify(found_id, found_seq, seen)  # no marker where this client saw one: loss
         if found_id is not None:
             return
         if has_data:
@@ -535,7 +554,8 @@ class RedisStore(Store):
         if adopted:
             pipe.hsetnx(self._marker, "adopted", "sessions of a version without a marker")
         pipe.hmget(self._marker, "id", "seq")
-        self._verify(*pipe.execute()[-1])  # another client's marker if it came first
+        seen = self._seen()
+        self._verify(*pipe.execute()[-1], seen)  # another client's marker if it came first
 
     def _saw_seq(self, seq: int) -> None:
         with self._state:
