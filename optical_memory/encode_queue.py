@@ -128,7 +128,7 @@ class LocalEncodeQueue:
         self._encode_batch = encode_batch
         self._cond = threading.Condition()
         self._waiting: deque[_Item] = deque()
-        self._by_key: dict[str, _Item] = {}  # waiting or running, by cache key
+        self._by_key: dict[tuple[str, str], _Item] = {}  # waiting or running
         self._running = 0
         self._holds = 0
         self._thread: threading.Thread | None = None
@@ -145,24 +145,32 @@ class LocalEncodeQueue:
             return QueueStats(**vars(self._stats))
 
     def submit(self, job: PageJob, payload: Any) -> tuple[Future, bool]:
-        """Queue a page; (its future result, whether this call queued it). A page whose key
-        is already queued or being encoded is not queued again: its future is shared, and
-        the caller that queued it is the one to store the result."""
+        """Queue a page; (its future result, whether this call queued it). A page already
+        queued or being encoded (same session and key) is not queued again: its future is
+        shared, and the caller that queued it is the one to store the result."""
+        return self.submit_many([(job, payload)])[0]
+
+    def submit_many(self, pages: Sequence[tuple[PageJob, Any]]) -> list[tuple[Future, bool]]:
+        """`submit` for several pages at once (they can share the next forward pass)."""
+        out = []
         with self._cond:
-            item = self._by_key.get(job.key)
-            if item is not None:
-                self._stats.deduplicated += 1
-                return item.future, False
-            item = _Item(job, payload)
-            self._by_key[job.key] = item
-            self._waiting.append(item)
+            for job, payload in pages:
+                item = self._by_key.get((job.session_id, job.key))
+                if item is not None:
+                    self._stats.deduplicated += 1
+                    out.append((item.future, False))
+                    continue
+                item = _Item(job, payload)
+                self._by_key[(job.session_id, job.key)] = item
+                self._waiting.append(item)
+                out.append((item.future, True))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="optical-memory-encoder", daemon=True
                 )
                 self._thread.start()
             self._cond.notify_all()
-            return item.future, True
+        return out
 
     @contextmanager
     def hold(self) -> Iterable[None]:
@@ -201,7 +209,7 @@ class LocalEncodeQueue:
             with self._cond:
                 self._running = 0
                 for item in items:
-                    self._by_key.pop(item.job.key, None)
+                    self._by_key.pop((item.job.session_id, item.job.key), None)
                 stats = self._stats
                 if results is None:
                     stats.failed += len(items)
@@ -412,10 +420,11 @@ class RedisEncodeQueue:
 
     def _timeout(self, jobs: list[PageJob]) -> EncodeTimeoutError:
         workers = self.workers()
+        prefix = f" --prefix {self.store.prefix}" if self.store.prefix != "om" else ""
         hint = (
             f"no worker has ever read the stream {self.stream!r}: start one with "
-            f"`optical-memory worker --store URL --model DIR` (same weights and dtype: "
-            f"encoder {self.encoder_id})"
+            f"`optical-memory worker --store URL{prefix} --model DIR` (the same weights and "
+            f"dtype: encoder {self.encoder_id})"
             if workers == 0
             else f"{workers} worker(s) registered on {self.stream!r}, {self.depth} page(s) queued"
         )

@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_commands(sub)
     _add_mcp(sub)
     _add_serve(sub)
+    from optical_memory.apps.worker import add_worker
+
+    add_worker(sub)
     return parser
 
 

@@ -272,11 +272,18 @@ class DeepSeekOCRBackend(Backend):
         from optical_memory.backends.deepseek_ocr.preprocess import make_views
 
         queue = self.encode_queue
-        futures = []
-        for p, key in queued:
-            views = make_views(memory.page_image(session_id, records[p.index]), p.mode)
-            job = PageJob(session_id, key, p.index, p.mode)
-            futures.append((p, key, job, *queue.submit(job, views)))
+        pages = [
+            (
+                PageJob(session_id, key, p.index, p.mode),
+                make_views(memory.page_image(session_id, records[p.index]), p.mode),
+            )
+            for p, key in queued
+        ]
+        futures = [
+            (p, key, job, *submitted)
+            for (p, key), (job, _), submitted in zip(queued, pages, queue.submit_many(pages))
+        ]
+        del pages  # the views are the queue's now
         deadline = time.monotonic() + self.encode_timeout_s
         for n, (p, key, _, future, owner) in enumerate(futures):
             try:
