@@ -47,7 +47,13 @@ from optical_memory.prompt import (
     page_label,
     recalled_label,
 )
-from optical_memory.recall import RECALL_LABEL_TOKENS, Candidate, PageFacts, choose
+from optical_memory.recall import (
+    RECALL_LABEL_TOKENS,
+    TURN_TEXT_OVERHEAD,
+    Candidate,
+    PageFacts,
+    choose,
+)
 from optical_memory.search import Hit
 from optical_memory.stores import CacheLimits, NewTurn, Store, Turn, open_store
 from optical_memory.stores.base import StoreUnavailableError, TurnConflictError, same_turn
@@ -471,13 +477,26 @@ class OpticalMemory:
             scores, raised = [0.0] * len(records), [False] * len(records)
         else:
             facts = [
-                PageFacts(r.first_turn, r.last_turn, t, r.turns - len(r.skipped), age)
+                PageFacts(r.first_turn, r.last_turn, t, _text_cost(r, t, self.counter.name), age)
                 for r, t, age in zip(records, page_tokens, ages)
             ]
             hits, candidates = self._recall(session_id, query, records, text_start, pinned, policy)
-            choice = choose(
-                policy, facts, tiers, labels, max(0, window - fixed), hits, candidates
-            )
+            recent = text_start, text_turns, text_tokens
+            spend = max(0, window - fixed)
+            for _ in range(4):  # count the recent text exactly; spend less if it is over
+                choice = choose(policy, facts, tiers, labels, spend, hits, candidates)
+                text_start, text_turns, text_tokens = recent
+                if TEXT in choice.modes:  # the recent text begins on the first text page
+                    text_start = records[choice.modes.index(TEXT)].start
+                    later = self.store.turns(session_id, text_start[0], count)
+                    text_turns = _unpinned(later, pinned, text_start)
+                    text_tokens = self.counter.count(format_turns(text_turns, text_start[1]))
+                over = fixed - recent[2] + text_tokens - window + sum(
+                    costs[m] + labels for m in choice.modes if m in costs
+                ) + sum(c.tokens for c in choice.recalled)
+                if over <= 0 or TEXT not in choice.modes:
+                    break
+                spend = max(0, spend - over)
             modes, precisions = choice.modes, choice.precisions
             scores, raised = choice.scores, choice.raised
             recalled = [
@@ -486,11 +505,6 @@ class OpticalMemory:
                          c.hit.score, c.tokens)
                 for c in sorted(choice.recalled, key=lambda c: c.hit.turn)
             ]
-            if TEXT in modes:  # the newest pages are text: the recent text begins on the first
-                text_start = records[modes.index(TEXT)].start
-                later = self.store.turns(session_id, text_start[0], count)
-                text_turns = _unpinned(later, pinned, text_start)
-                text_tokens = self.counter.count(format_turns(text_turns, text_start[1]))
             fits = True  # checked below against the plan's own total
         pages = [
             PagePlan(
@@ -824,6 +838,13 @@ def _open_model(
     from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
 
     return DeepSeekOCRBackend(model)
+
+
+def _text_cost(record: PageRecord, text_tokens: int, counter: str) -> int:
+    """Positions of a page's turns as text: measured when it was laid out, else estimated."""
+    if record.text_cost and record.counter == counter:
+        return record.text_cost
+    return text_tokens + TURN_TEXT_OVERHEAD * (record.turns - len(record.skipped))
 
 
 def _unpinned(

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from optical_memory.stores.base import Store, Turn
+from optical_memory.tokens import TokenCounter
 from renderers import Page, Renderer
 
 
@@ -50,6 +51,7 @@ class PageRecord:
     newest_time: float
     sealed: bool = True
     skipped: tuple[int, ...] = ()  # pinned turns inside first..last that the page leaves out
+    text_cost: int = 0  # positions of its turns as text ("role: content" lines); 0: not known
 
     @property
     def turns(self) -> int:
@@ -67,10 +69,13 @@ class PageRecord:
 
 
 def _record(
-    page: Page, index: int, laid_out: Sequence[Turn], next_turn: int, counter: str
+    page: Page, index: int, laid_out: Sequence[Turn], next_turn: int, counter: TokenCounter
 ) -> PageRecord:
     """A record for `page`, laid out from `laid_out` (the turns given to the renderer, pinned
     ones left out); `next_turn` is the turn after them."""
+    lines = [
+        f"{laid_out[s.turn].role}: {laid_out[s.turn].content[s.start : s.end]}" for s in page.spans
+    ]
     first, last = laid_out[page.first_turn].index, laid_out[page.last_turn].index
     start = (first, page.spans[0].start)
     n, char = page.next_start
@@ -87,10 +92,11 @@ def _record(
         width=page.width,
         height=page.height,
         text_tokens=page.text_tokens,
-        counter=counter,
+        counter=counter.name,
         newest_time=laid_out[page.last_turn].created,
         sealed=page.full,
         skipped=tuple(i for i in range(first, last + 1) if i not in held),
+        text_cost=counter.count("\n".join(lines)) + 1,  # and the newline before the next
     )
 
 
@@ -138,9 +144,8 @@ class Pager:
                 if t.index not in pins or (t.index == end[0] and end[1] > 0)
             ]
             laid = self.renderer.paginate([t.to_message() for t in older], start=(0, end[1]))
-            name = self.renderer.counter.name
             fresh = [
-                _record(page, len(records) + i, older, window_start, name)
+                _record(page, len(records) + i, older, window_start, self.renderer.counter)
                 for i, page in enumerate(laid)
             ]
             full = [r for r in fresh if r.sealed]

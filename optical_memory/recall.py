@@ -19,7 +19,9 @@ from optical_memory.search import Hit
 from optical_memory.solver import solve_readable
 
 OPTIONS: tuple[str | None, ...] = (TEXT, *FADING_ORDER, None)
-TURN_TEXT_OVERHEAD = 4  # positions a turn takes as text beyond its content ("role: ", newline)
+# positions a turn takes as text beyond its content ("role: ", newline), for pages whose
+# cost as text was not measured
+TURN_TEXT_OVERHEAD = 3
 RECALL_LABEL_TOKENS = 16  # positions reserved for a recalled turn's label
 
 
@@ -30,7 +32,7 @@ class PageFacts:
     first_turn: int
     last_turn: int
     text_tokens: int
-    turns: int  # turns (or parts of turns) it holds
+    text_cost: int  # positions as text ("role: content" lines)
     age: float
 
 
@@ -96,7 +98,7 @@ def choose(
         for j, option in enumerate(OPTIONS):
             if option == TEXT:
                 precision[i, j] = TEXT_PRECISION
-                costs[i, j] = page.text_tokens + TURN_TEXT_OVERHEAD * page.turns
+                costs[i, j] = page.text_cost
             elif option is None:
                 precision[i, j] = OUT_PRECISION
             else:
