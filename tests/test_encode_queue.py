@@ -353,3 +353,35 @@ def test_hostile_stream_entries_are_dropped_and_sound_ones_done(
     assert store.client.xlen(stream) == 0
     assert mem.context("s", QUERY).encoded == 0  # the workers' results, read from the cache
     mem.close()
+
+
+def test_workers_serve_sessions_of_a_redis_cluster(redis_cluster, cluster_prefix, model, conversation):
+    from optical_memory.apps.worker import encode_function
+
+    store = RedisStore(redis_cluster.url, prefix=cluster_prefix)
+    mem = _memory(store, model, encoding="workers", encode_timeout_s=120)
+    sessions = ["alpha", "beta", "{beta}"]  # spread over the cluster's slots
+    for n, sid in enumerate(sessions):
+        mem.extend(sid, conversation(30, seed=n))
+    expected = {sid: _alone(mem, sid) for sid in sessions}
+    worker = EncodeWorker(
+        store, model.encoder.cache_id, encode_function(store, model.encoder), modes=MODES,
+        batch=8, block_s=0.05, name="w",
+    )
+    stop = threading.Event()
+    working = threading.Thread(target=worker.run, args=(stop,))
+    working.start()
+    try:
+        results, threads = _contexts(mem, sessions)
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        stop.set()
+        working.join(timeout=60)
+    for sid in sessions:
+        got = [s for s in results[sid].segments if isinstance(s, torch.Tensor)]
+        assert len(got) == len(expected[sid])
+        for a_tokens, b_tokens in zip(got, expected[sid]):
+            torch.testing.assert_close(a_tokens, b_tokens, rtol=1e-5, atol=1e-5)
+    assert worker.stats.pages == sum(len(v) for v in expected.values())
+    mem.close()

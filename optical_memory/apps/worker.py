@@ -56,28 +56,41 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
         "--idle-exit", type=float, metavar="SECONDS",
         help="exit when the stream stayed empty this long (default: run until stopped)",
     )
+    p.add_argument(
+        "--threads", type=int, default=min(8, os.cpu_count() or 1),
+        help="threads decoding and preprocessing page images (default: up to 8)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every page stored")
     p.set_defaults(handler=run_worker)
 
 
-def encode_function(store: Any, encoder: Any) -> Any:
-    """`encode(mode, jobs)` for `EncodeWorker`: the pages' images from the cache, one forward
-    pass, each page's packed cache value or why there is none."""
+def encode_function(store: Any, encoder: Any, threads: int = 1) -> Any:
+    """`encode(mode, jobs)` for `EncodeWorker`: the pages' images from the cache, decoded and
+    preprocessed by `threads` threads (Pillow and the tensor copies release the GIL), one
+    forward pass, each page's packed cache value or why there is none."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from optical_memory.backends.deepseek_ocr.preprocess import make_views
     from optical_memory.cache import VisionCache, tensor_to_bytes
     from optical_memory.modes import get_mode
 
     cache = VisionCache(store)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
+
+    def prepare(job: Any, mode: str) -> Any:
+        image = cache.get_image(job.session_id, job.image_key, size=job.size)
+        return None if image is None else make_views(image, mode)
 
     def encode(mode: str, jobs: list[Any]) -> list[tuple[bytes | None, str]]:
         out: list[tuple[bytes | None, str]] = [(None, "")] * len(jobs)
+        modes = [mode] * len(jobs)
+        prepared = list(pool.map(prepare, jobs, modes) if pool else map(prepare, jobs, modes))
         views, where = [], []
-        for i, job in enumerate(jobs):
-            image = cache.get_image(job.session_id, job.image_key, size=job.size)
-            if image is None:
+        for i, page_views in enumerate(prepared):
+            if page_views is None:
                 out[i] = (None, "its rendered image is not in the cache (evicted?): ask again")
                 continue
-            views.append(make_views(image, mode))
+            views.append(page_views)
             where.append(i)
         for i, tokens in zip(where, encoder.encode_views(views)):
             job = jobs[i]
@@ -124,7 +137,7 @@ def run_worker(args: argparse.Namespace) -> int:
     worker = EncodeWorker(
         store,
         encoder.cache_id,
-        encode_function(store, encoder),
+        encode_function(store, encoder, threads=max(1, args.threads)),
         modes=MODES,
         batch=args.batch,
         claim_after_s=args.claim_after,
