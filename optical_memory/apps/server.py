@@ -670,21 +670,31 @@ class Server:
         if self.config.debug:
             log.debug("chat request", extra={"fields": {
                 "request_id": request.state.request_id, "messages": req.messages}})
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        if not req.stream:
+            # one trip to a worker thread: the event loop waits for the GIL at every trip
+
+            def complete() -> bytes:
+                t0 = time.perf_counter()
+                query, appended = self._prepare(sid, req.messages, key)
+                timings["prepare_ms"] = _ms(t0)
+                t1 = time.perf_counter()
+                answer = self._ask(sid, query, max_new, key, options)
+                timings["answer_ms"] = _ms(t1)
+                timings["appended"] = appended
+                usage = self._usage(answer)
+                body = self._completion(completion_id, req.model, answer, usage, appended)
+                return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+            data = await self.call(complete, session=session)
+            request.state.fields.update(timings)
+            return Response(data, media_type="application/json")
         t0 = time.perf_counter()
         query, appended = await self.call(
             self._prepare, sid, req.messages, key, session=session
         )
         timings["prepare_ms"] = _ms(t0)
         request.state.fields.update(appended=appended)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        if not req.stream:
-            t1 = time.perf_counter()
-            answer = await self.call(self._ask, sid, query, max_new, key, options,
-                                     session=session)
-            timings["answer_ms"] = _ms(t1)
-            request.state.fields.update(timings)
-            usage = self._usage(answer)
-            return JSONResponse(self._completion(completion_id, req.model, answer, usage, appended))
         return await self._stream(request, completion_id, req, sid, session, query, max_new, key,
                                   options, appended, timings)
 
