@@ -3,7 +3,7 @@
 # scripts/setup.sh); SETUP_FORCE=1 installs again.
 PYTHON ?= python3
 
-.PHONY: setup setup-test demo test
+.PHONY: setup setup-test setup-bench demo test bench-recall-ocr
 
 setup:
 	scripts/setup.sh deepseek-ocr,redis
@@ -11,8 +11,15 @@ setup:
 setup-test:
 	scripts/setup.sh deepseek-ocr,test,redis
 
+setup-bench:
+	scripts/setup.sh deepseek-ocr,redis,bench
+
 demo: setup
 	optical-memory demo --out out/demo
 
 test: setup-test
 	$(PYTHON) -m pytest -q
+
+# Tesseract reads evidence turns back at every tier (benchmarks/results/ocr_check.json)
+bench-recall-ocr: setup-bench
+	$(PYTHON) benchmarks/ocr_check.py

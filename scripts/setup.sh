@@ -16,6 +16,8 @@ stamp="build/setup-${extras//,/-}.stamp"
 fonts=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)
 # the test extras also drive the memory viewer in headless Chromium (Debian's, never a download)
 case ",${extras}," in *,test,*) fonts+=(chromium chromium-driver) ;; esac
+# bench: Tesseract reads pages back in benchmarks/ocr_check.py (the library does not need it)
+case ",${extras}," in *,bench,*) fonts+=(tesseract-ocr) ;; esac
 missing=()
 for pkg in "${fonts[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
