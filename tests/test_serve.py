@@ -614,3 +614,23 @@ def test_threads_share_one_memory_safely_under_mixed_load(served):
         t.join()
     assert not errors
     assert len(turns(served, "mixed")) == 18
+
+
+def test_ask_and_stream_open_a_new_session_and_stream_returns_the_answer(upstream, tmp_path):
+    backend = OpenAIBackend(upstream.base_url, "test-model", max_retries=0)
+    with OpticalMemory(tmp_path / "m.sqlite3", model=backend) as memory:
+        answer = memory.ask("fresh", "First question?")  # no turns before it
+        assert answer.text == REPLY and answer.plan is not None and answer.plan.turns == 0
+        generator = memory.stream("fresh-2", "Streamed first?")
+        pieces = []
+        while True:
+            try:
+                pieces.append(next(generator))
+            except StopIteration as stop:
+                streamed = stop.value
+                break
+        assert "".join(pieces) == streamed.text == REPLY
+        assert streamed.answer_id and streamed.positions["query"] > 0
+        assert [t.content for t in memory.turns("fresh-2")] == ["Streamed first?", REPLY]
+        with pytest.raises(LookupError, match="unknown session"):
+            memory.plan("never")  # plans of unknown sessions are still errors
