@@ -14,8 +14,12 @@ Measured in one run, so ratios compare like with like:
   window only as a cost figure;
 - decode tokens/s at batch 1 and 8 after that optical context: steps launched
   eagerly over transformers' DynamicCache, and (ours) CUDA-graph steps over the
-  static window cache, with a check of the graph's logits and greedy ids against
-  the same steps run eagerly.
+  static window cache;
+- continuous batching (`--sections scheduler`): 1 to 64 requests of 6000-8000
+  positions at once through one `Scheduler`, against one at a time;
+- the decode check (decode_check.py): every decode path teacher-forced on the
+  CUDA-graph step's ids, logits within the bf16 tolerance; the run exits 1 when
+  it is off.
 
     python benchmarks/decoder_gpu.py --out benchmarks/results/decoder_gpu.json
 """
@@ -32,12 +36,14 @@ from collections.abc import Callable
 import torch
 import transformers
 from common import command, matmul_peak_tflops, write_json
+from decode_check import check_decode_paths, random_inputs
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
 
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
-from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION, uses_grouped_kernel
+from optical_memory.backends.deepseek_ocr.experts import EXPERTS_IMPLEMENTATION
+from optical_memory.backends.deepseek_ocr.generation import GenerationConfig, generate_ids
 from optical_memory.backends.deepseek_ocr.modeling_decoder import DeepseekOCRDecoder
-from optical_memory.backends.deepseek_ocr.runtime import DecodeStep
+from optical_memory.backends.deepseek_ocr.scheduler import Scheduler
 from optical_memory.modes import get_mode
 
 ACTIVE_PARAMS_NOTE = "embedding lookup excluded; LM head on the last position only"
@@ -138,48 +144,71 @@ def decode_tokens_per_s(
     return batch * steps / ((total - only_prefill) * 1e-3)
 
 
-@torch.no_grad()
-def check_decode_graph(dec: DeepseekOCRDecoder, context: int, steps: int = 32) -> dict:
-    """Graph-replayed steps against the same steps run eagerly, and against DynamicCache steps.
-
-    Graph and eager static steps run the same kernels on the same buffers, so
-    their greedy ids must be identical; DynamicCache steps attend over a
-    shorter key range with other kernels, so only bf16 closeness is expected.
-    """
-    emb = torch.randn(1, context, dec.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
-    positions = torch.arange(context, device=DEVICE)[None]
-
-    def greedy(use_graph: bool) -> tuple[list[int], list[torch.Tensor]]:
-        step = DecodeStep(dec, batch=1)
-        step.use_graph = step.use_graph and use_graph
-        logits = step.prefill(emb, positions)
-        ids, all_logits = [], [logits]
-        for i in range(steps):
-            token = logits.argmax(-1, keepdim=True)
-            ids.append(int(token))
-            logits = step(token, torch.full_like(token, context + i))
-            all_logits.append(logits)
-        return ids, all_logits
-
-    graph_ids, graph_logits = greedy(True)
-    eager_ids, eager_logits = greedy(False)
-    cache = dec.new_cache()
-    dynamic = [dec(emb, cache=cache, logits_to_keep=1)[:, -1]]
-    for i, token in enumerate(graph_ids):
-        pos = torch.full((1, 1), context + i, device=DEVICE, dtype=torch.long)
-        ids = torch.tensor([[token]], device=DEVICE)
-        dynamic.append(dec(dec.embed_tokens(ids), position_ids=pos, cache=cache)[:, -1])
-
-    def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True))
-
-    return {
+def scheduler_tokens_per_s(
+    dec: DeepseekOCRDecoder,
+    batch: int,
+    lengths: tuple[int, int],
+    steps: int,
+    compile_step: bool = False,
+) -> dict:
+    """Continuous batching: `batch` requests of random lengths in `lengths` submitted at once,
+    `steps` tokens each, through one Scheduler (paged cache, Triton attention, CUDA graphs)."""
+    gen = torch.Generator().manual_seed(batch)
+    hidden = dec.config.hidden_size
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (batch,), generator=gen).tolist()
+    inputs = [random_inputs(n, hidden, DEVICE, dec.dtype, gen) for n in sizes]
+    kv = sum(n + steps for n in sizes) + 1024
+    sched = Scheduler(
+        dec, eos_id=-1, max_batch=max(batch, 1), kv_cache_tokens=kv, compile_step=compile_step
+    )
+    start = time.perf_counter()
+    sched.warmup()
+    warm_s = time.perf_counter() - start
+    config = GenerationConfig(max_new_tokens=steps)
+    sync()
+    start = time.perf_counter()
+    handles = [sched.submit(x, config) for x in inputs]
+    for h in handles:
+        h.result()
+    sync()
+    total = time.perf_counter() - start
+    reqs = [h.request for h in handles]
+    last_first = max(r.first_token for r in reqs) - start
+    decode_s = max(r.finished for r in reqs) - max(r.first_token for r in reqs)
+    out = {
+        "batch": batch,
+        "context_lengths": [min(sizes), max(sizes)],
         "steps": steps,
-        "graphs_used": uses_grouped_kernel(dec.device, dec.dtype),
-        "graph_vs_eager_ids_identical": graph_ids == eager_ids,
-        "graph_vs_eager_logits_max_rel": rel(graph_logits, eager_logits),
-        "graph_vs_dynamic_cache_logits_max_rel": rel(graph_logits, dynamic),
+        "tokens_per_s_end_to_end": batch * steps / total,
+        "tokens_per_s_decoding": batch * (steps - 1) / decode_s if decode_s > 0 else None,
+        "seconds": total,
+        "prefills_done_s": last_first,
+        "warmup_s": warm_s,
+        "kv_cache_gib": sched.kv_cache_bytes / 2**30,
+        "max_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+        if DEVICE.type == "cuda"
+        else None,
     }
+    sched.close()
+    del sched
+    return out
+
+
+def alone_tokens_per_s(dec: DeepseekOCRDecoder, length: int, steps: int, n: int = 2) -> float:
+    """One request at a time through the single-request path (CUDA-graph DecodeStep)."""
+    gen = torch.Generator().manual_seed(7)
+    inputs = [
+        random_inputs(length, dec.config.hidden_size, DEVICE, dec.dtype, gen) for _ in range(n)
+    ]
+    eos = -1
+    config = GenerationConfig(max_new_tokens=steps)
+    list(generate_ids(dec, inputs[0], config, eos))  # warm-up (captures the graph)
+    sync()
+    start = time.perf_counter()
+    for x in inputs:
+        list(generate_ids(dec, x, config, eos))
+    sync()
+    return n * steps / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prefill-len", type=int, default=8192)
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["baseline", "experts", "check", "scheduler"],
+        help="what to run; the decode check runs whenever 'experts' or 'scheduler' does",
+    )
+    ap.add_argument("--scheduler-batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--scheduler-lengths", nargs=2, type=int, default=[6000, 8000])
+    ap.add_argument("--scheduler-steps", type=int, default=128)
+    ap.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="also measure the scheduler's step compiled with torch.compile (batch 1 and the "
+        "largest batch)",
+    )
     args = ap.parse_args(argv)
+    sections = set(args.sections)
+    if sections & {"experts", "scheduler"}:
+        sections.add("check")
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -242,6 +289,55 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=1), flush=True)
 
+    if "baseline" in sections:
+        baseline_section(result, cfg, args)
+    dec = build(cfg)
+    if "check" in sections:
+        # The teacher-forced check of every decode path (decode_check.py); the run fails on it.
+        result["decode_check"] = check_decode_paths(
+            dec, min(optical_len, cfg.max_position_embeddings - 64), steps=32
+        )
+        print("decode_check", json.dumps(result["decode_check"]), flush=True)
+    if "scheduler" in sections:
+        scheduler_section(result, dec, args)
+    if "experts" in sections:
+        experts_section(result, dec, cfg, args, optical_len, plain_len, base)
+    write_json(args.out, result, indent=1)
+    if "decode_check" in result and not result["decode_check"]["ok"]:
+        print("decoder_gpu.py: FAILED: a decode path is off (decode_check)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def scheduler_section(result: dict, dec: DeepseekOCRDecoder, args) -> None:
+    lengths = tuple(args.scheduler_lengths)
+    mid = sum(lengths) // 2
+    steps = args.scheduler_steps
+    r: dict = {
+        "what": "requests of random context lengths submitted at once to one Scheduler "
+        "(paged KV cache, Triton decode attention, CUDA-graph steps per batch bucket); "
+        f"{steps} greedy tokens each; the baseline runs requests one at a time through the "
+        "single-request CUDA-graph DecodeStep, same run",
+        "alone_tokens_per_s": alone_tokens_per_s(dec, mid, steps),
+        "batches": [],
+    }
+    for b in args.scheduler_batches:
+        r["batches"].append(scheduler_tokens_per_s(dec, b, lengths, steps))
+        print("scheduler", json.dumps(r["batches"][-1]), flush=True)
+    if args.compile_step:
+        r["compiled_step"] = []
+        for b in sorted({1, max(args.scheduler_batches)}):
+            try:
+                r["compiled_step"].append(
+                    scheduler_tokens_per_s(dec, b, lengths, steps, compile_step=True)
+                )
+            except Exception as exc:  # noqa: BLE001 - recorded, the rest of the run goes on
+                r["compiled_step"].append({"batch": b, "error": repr(exc)[:500]})
+            print("scheduler compiled", json.dumps(r["compiled_step"][-1]), flush=True)
+    result["scheduler"] = r
+
+
+def baseline_section(result: dict, cfg: DecoderConfig, args) -> None:
     # Baseline: transformers' own text model as it comes (its default experts implementation).
     hf_config = cfg.to_transformers()
     hf_config._attn_implementation = "sdpa"
@@ -258,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     del baseline
     print(json.dumps(result["baseline"]), flush=True)
 
-    dec = build(cfg)
 
+def experts_section(
+    result: dict, dec: DeepseekOCRDecoder, cfg: DecoderConfig, args, optical_len, plain_len, base
+) -> None:
     runs = {}
     for impl in args.experts:
         dec.model.config._experts_implementation = impl
@@ -277,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
             r["decode_tokens_per_s_graph_steps"] = {
                 str(b): decode_tokens_per_s(dec, optical_len, b, graphs=True) for b in (1, 8)
             }
-            r["decode_graph_check"] = check_decode_graph(dec, optical_len)
         runs[impl] = r
         print(impl, json.dumps(r), flush=True)
     best = min(runs, key=lambda k: runs[k]["prefill_ms"])
@@ -285,9 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_ms = prefill_ms(dec, plain_len) if plain_len <= 65536 else None
     result["experts"] = runs
     result["chosen_experts_implementation"] = best
-    result["ratio_baseline_over_ours_prefill"] = (
-        result["baseline"]["prefill_ms"] / runs[best]["prefill_ms"]
-    )
+    if "baseline" in result:
+        result["ratio_baseline_over_ours_prefill"] = (
+            result["baseline"]["prefill_ms"] / runs[best]["prefill_ms"]
+        )
     per_token = cfg.kv_cache_bytes_per_token(torch.bfloat16)
     result["conversation"] = {
         "pages": args.pages,
@@ -316,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     result["conversation"]["kv_ratio_plain_over_optical"] = plain_len / optical_len
     print(json.dumps(result["conversation"], indent=1), flush=True)
-    write_json(args.out, result, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

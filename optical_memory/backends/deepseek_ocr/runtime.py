@@ -167,7 +167,7 @@ class DecodeStep:
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._graph_logits = self._forward()
         self._graph = graph
 
@@ -302,7 +302,8 @@ class Encoder:
                 self.model(normalize(static_in, self.dtype))
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (the decode scheduler) keep working during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.model(normalize(static_in, self.dtype))
             self._graphs[key] = (graph, static_in, static_out)
             if len(self._graphs) > MAX_CUDA_GRAPHS:

@@ -157,6 +157,7 @@ class Scheduler:
     cache block. `cuda_graphs`: replay steps from CUDA graphs (default: where the whole step
     can be captured, i.e. CUDA in bf16). `prefill_tokens_per_step`: prompt positions prefilled
     between two decode steps (at least one prompt), so running requests keep streaming.
+    `compile_step`: run the step through `torch.compile` (fusion; slow first use per bucket).
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class Scheduler:
         block_size: int = 64,
         cuda_graphs: bool | None = None,
         prefill_tokens_per_step: int = 16384,
+        compile_step: bool = False,
     ) -> None:
         cfg = decoder.config
         if cfg.num_key_value_heads != cfg.num_attention_heads:
@@ -215,6 +217,9 @@ class Scheduler:
         if self.bucket_sizes[-1] != max_batch:
             self.bucket_sizes.append(max_batch)
         self._buckets: dict[int, _Bucket] = {}
+        # torch.compile fuses the step's elementwise work (norms, RoPE, routing, SwiGLU); each
+        # bucket size compiles once, then is captured like the plain step
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
         self._sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
             if self.device.type == "cuda"
@@ -455,11 +460,11 @@ class Scheduler:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(b)
+                self._step_fn(b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            b.logits = self._step(b)
+            b.logits = self._step_fn(b)
         b.graph = graph
 
     def _decode(self, running: list[Request]) -> None:
@@ -488,7 +493,7 @@ class Scheduler:
             b.graph.replay()
             logits = b.logits
         else:
-            logits = self._step(b)
+            logits = self._step_fn(b)
         self.steps += 1
         self.step_rows += n
         greedy = [r.plain_greedy for r in running]

@@ -235,3 +235,25 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer(path, lang["vocab_size"], image_token_id)
     return path
+
+
+def write_full_size_checkpoint(
+    path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """A random checkpoint with the official shapes throughout (decoder, DeepEncoder, `<image>`
+    at id 128815), stored in `dtype`, for GPU benchmarks; about 6.5 GB in bf16."""
+    from optical_memory.backends.deepseek_ocr.configuration import EncoderConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lang = dict(OFFICIAL_DECODER)
+    encoder = EncoderConfig()
+    tensors = {k: v.to(dtype).contiguous() for k, v in decoder_tensors(lang, seed).items()}
+    save_file(tensors, str(path / "decoder.safetensors"))
+    del tensors
+    enc = random_encoder_tensors(encoder, seed=seed + 1)
+    save_file({k: v.to(dtype).contiguous() for k, v in enc.items()}, str(path / "encoder.safetensors"))
+    write_tokenizer(path, lang["vocab_size"], image_token_id=128815)
+    config = {"model_type": "deepseek_vl_v2", "language_config": lang, **lang, **encoder.to_dict()}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
