@@ -110,6 +110,7 @@ class QueueStats:
 class _Item:
     job: PageJob
     payload: Any
+    on_result: Callable[[PageJob, Any], None] | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -144,13 +145,21 @@ class LocalEncodeQueue:
         with self._cond:
             return QueueStats(**vars(self._stats))
 
-    def submit(self, job: PageJob, payload: Any) -> tuple[Future, bool]:
+    def submit(
+        self, job: PageJob, payload: Any, on_result: Callable[[PageJob, Any], None] | None = None
+    ) -> tuple[Future, bool]:
         """Queue a page; (its future result, whether this call queued it). A page already
         queued or being encoded (same session and key) is not queued again: its future is
-        shared, and the caller that queued it is the one to store the result."""
-        return self.submit_many([(job, payload)])[0]
+        shared. `on_result(job, result)` of the call that queued it runs once in the
+        encoding thread after the forward pass, before the future is set (e.g. to store the
+        result in the cache, whether or not any caller still waits)."""
+        return self.submit_many([(job, payload)], on_result)[0]
 
-    def submit_many(self, pages: Sequence[tuple[PageJob, Any]]) -> list[tuple[Future, bool]]:
+    def submit_many(
+        self,
+        pages: Sequence[tuple[PageJob, Any]],
+        on_result: Callable[[PageJob, Any], None] | None = None,
+    ) -> list[tuple[Future, bool]]:
         """`submit` for several pages at once (they can share the next forward pass)."""
         out = []
         with self._cond:
@@ -160,7 +169,7 @@ class LocalEncodeQueue:
                     self._stats.deduplicated += 1
                     out.append((item.future, False))
                     continue
-                item = _Item(job, payload)
+                item = _Item(job, payload, on_result)
                 self._by_key[(job.session_id, job.key)] = item
                 self._waiting.append(item)
                 out.append((item.future, True))
@@ -219,6 +228,13 @@ class LocalEncodeQueue:
                     stats.largest_batch = max(stats.largest_batch, len(items))
                     sessions = len({item.job.session_id for item in items})
                     stats.most_sessions_in_batch = max(stats.most_sessions_in_batch, sessions)
+            # results land in the cache first: a caller that wakes finds them there
+            for i, item in enumerate(items if results is not None else ()):
+                if item.on_result is not None:
+                    try:
+                        item.on_result(item.job, results[i])
+                    except Exception:
+                        log.exception("storing %s failed", item.job.describe())
             for i, item in enumerate(items):
                 if results is None:
                     item.future.set_exception(

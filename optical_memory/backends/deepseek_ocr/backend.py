@@ -279,13 +279,18 @@ class DeepSeekOCRBackend(Backend):
             )
             for p, key in queued
         ]
+
+        def store(job: PageJob, embedding: torch.Tensor) -> None:  # in the encoding thread
+            if tuple(embedding.shape) == shapes[job.index]:  # else never read back
+                memory.cache.put_tensor(session_id, job.key, embedding)
+
         futures = [
             (p, key, job, *submitted)
-            for (p, key), (job, _), submitted in zip(queued, pages, queue.submit_many(pages))
+            for (p, key), (job, _), submitted in zip(queued, pages, queue.submit_many(pages, store))
         ]
         del pages  # the views are the queue's now
         deadline = time.monotonic() + self.encode_timeout_s
-        for n, (p, key, _, future, owner) in enumerate(futures):
+        for n, (p, _, _, future, _) in enumerate(futures):
             try:
                 embedding = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -296,8 +301,6 @@ class DeepSeekOCRBackend(Backend):
                     f"{queue.depth} page(s)",
                     late,
                 ) from None
-            if owner and tuple(embedding.shape) == shapes[p.index]:  # else never read back
-                memory.cache.put_tensor(session_id, key, embedding)
             yield p, embedding
 
     def _encode_workers(
