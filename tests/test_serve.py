@@ -414,7 +414,7 @@ def test_a_body_without_content_length_is_cut_at_the_limit(served):
 
 # --------------------------------------------------------------------------- concurrency
 def test_50_clients_on_50_sessions_and_10_on_one_session(served):
-    rounds = 3
+    rounds = 2
 
     def whole_history(i: int) -> None:
         c = client(served)

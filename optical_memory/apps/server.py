@@ -484,7 +484,7 @@ class Server:
             problems["model"] = "the model is still loading"
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, 503)
-        return JSONResponse({"status": "ready", "backend": backend.description})
+        return JSONResponse({"status": "ready", "backend": backend.name})
 
     async def metrics_route(self, request: Request) -> Response:
         data = prom.generate_latest(self.metrics.registry)
@@ -720,8 +720,8 @@ class Server:
             raise ApiError(400, f"{where}: the question is empty", f"{where}.content")
         history = parsed[:-1]
         store = self.memory.store
-        count = store.turn_count(sid)
-        stored = store.turns(sid, 0, min(count, len(history))) if history and count else []
+        count = store.turn_count(sid) if history else 0  # only the new message: nothing to match
+        stored = store.turns(sid, 0, min(count, len(history))) if count else []
         for i, turn in enumerate(stored):
             if turn.role != history[i].role or turn.content != history[i].text:
                 raise ApiError(
