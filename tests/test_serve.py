@@ -634,3 +634,19 @@ def test_ask_and_stream_open_a_new_session_and_stream_returns_the_answer(upstrea
         assert [t.content for t in memory.turns("fresh-2")] == ["Streamed first?", REPLY]
         with pytest.raises(LookupError, match="unknown session"):
             memory.plan("never")  # plans of unknown sessions are still errors
+
+
+def test_the_readme_client_example_runs_as_written(served, capsys):
+    """The README's Serve example with its base URL and key pointed at the test server."""
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = section.split("\n## Serve: ", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and 'api_key="om-..."' in code
+    code = code.replace("http://127.0.0.1:8000/v1", served.base_url)
+    code = code.replace("om-...", KEYS["acme"]).replace("chat-42", "readme-example")
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the project's own README)
+    vision, plain = capsys.readouterr().out.split()
+    assert int(vision) >= 0 and int(plain) > 0
+    assert [m["content"] for m in turns(served, "readme-example")] == [
+        "Our launch date is March 3rd.", REPLY, "When do we launch?", REPLY
+    ]
