@@ -305,6 +305,10 @@ def _redis_errors(what: str, store: RedisStore) -> Any:
             raise StoreUnavailableError(
                 f"Redis at {store.url} is unreachable during {what}: {exc}"
             ) from exc
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the stream was deleted: the worker creates it again
+                raise
+            raise StoreError(f"Redis at {store.url} failed during {what}: {exc}") from exc
         except redis.RedisError as exc:
             raise StoreError(f"Redis at {store.url} failed during {what}: {exc}") from exc
 
@@ -536,7 +540,8 @@ class EncodeWorker:
         self._notify = store.client.register_script(_NOTIFY)
         self._claim_cursor = "0-0"
         self.stats = QueueStats()
-        _ensure_group(store.client, self.stream)
+        with _redis_errors("creating the encode stream's group", store):
+            _ensure_group(store.client, self.stream)
 
     def run(self, stop: threading.Event | None = None, max_pages: int | None = None,
             idle_exit_s: float | None = None) -> QueueStats:
@@ -546,7 +551,13 @@ class EncodeWorker:
         while not (stop is not None and stop.is_set()):
             if max_pages is not None and self.stats.pages >= max_pages:
                 break
-            if self.step():
+            try:
+                done = self.step()
+            except StoreUnavailableError as exc:  # Redis away: wait for it, keep nothing
+                log.warning("%s; trying again in 1 s", exc)
+                (stop.wait if stop is not None else time.sleep)(1.0)
+                continue
+            if done:
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                 break
@@ -555,7 +566,20 @@ class EncodeWorker:
     def step(self) -> int:
         """Take up to `batch` entries (claimed from dead workers first, else new ones,
         waiting up to `block_s`) and do them; the number of entries done."""
+        import redis
+
         client = self.store.client
+        try:
+            return self._step(client)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the encode stream or its group vanished (flushed?): created again")
+            with _redis_errors("creating the encode stream's group", self.store):
+                _ensure_group(client, self.stream)
+            return 0
+
+    def _step(self, client: Any) -> int:
         with _redis_errors("reading the encode stream", self.store):
             _, entries, *_ = client.xautoclaim(
                 self.stream, GROUP, self.name, self.claim_after_ms,

@@ -355,6 +355,9 @@ def test_hostile_stream_entries_are_dropped_and_sound_ones_done(queued, model):
     stats = worker.run(idle_exit_s=0.2)
     assert stats.pages == sound and stats.failed == 1
     assert store.client.xlen(stream) == 0
+    store.client.delete(stream)  # flushed under a running worker: it creates the group again
+    assert worker.step() == 0
+    assert [g["name"] for g in store.client.xinfo_groups(stream)] == [GROUP.encode()]
     assert mem.context("s", QUERY).encoded == 0  # the workers' results, read from the cache
 
 
@@ -388,3 +391,21 @@ def test_workers_serve_sessions_of_a_redis_cluster(redis_cluster, cluster_prefix
             torch.testing.assert_close(a_tokens, b_tokens, rtol=1e-5, atol=1e-5)
     assert worker.stats.pages == sum(len(v) for v in expected.values())
     mem.close()
+
+
+def test_worker_command_refuses_what_it_cannot_serve(checkpoint, tmp_path, monkeypatch):
+    from optical_memory.apps.cli import main
+
+    monkeypatch.delenv("OPTICAL_MEMORY_STORE", raising=False)
+    monkeypatch.delenv("OPTICAL_MEMORY_MODEL", raising=False)
+    cases = [
+        ([], "give --store"),
+        (["--store", str(tmp_path / "m.sqlite3")], "lives in a Redis store"),
+        (["--store", "redis:127.0.0.1:6379"], "must be followed by '//'"),
+        (["--store", "redis://127.0.0.1:6379/15", "--batch", "0"], "--batch must be at least 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(["worker", "--model", str(checkpoint), *argv])
+    with pytest.raises(SystemExit, match="give --model"):
+        main(["worker", "--store", "redis://127.0.0.1:6379/15"])

@@ -107,7 +107,7 @@ def encode_function(store: Any, encoder: Any, threads: int = 1) -> Any:
 def run_worker(args: argparse.Namespace) -> int:
     from optical_memory.encode_queue import EncodeWorker
     from optical_memory.modes import MODES
-    from optical_memory.stores import STORE_ENV, parse_store_url
+    from optical_memory.stores import STORE_ENV, StoreError, parse_store_url
     from optical_memory.stores.redis import RedisStore
 
     logging.basicConfig(
@@ -121,6 +121,10 @@ def run_worker(args: argparse.Namespace) -> int:
     if not model:
         raise SystemExit(f"optical-memory worker: give --model DIR (or set ${MODEL_ENV})")
     url = args.store or os.environ.get(STORE_ENV) or ""
+    if not url:
+        raise SystemExit(
+            f"optical-memory worker: give --store redis://HOST:PORT/DB (or set ${STORE_ENV})"
+        )
     try:
         kind, _ = parse_store_url(url)
     except ValueError as exc:
@@ -134,15 +138,18 @@ def run_worker(args: argparse.Namespace) -> int:
     from optical_memory.backends.deepseek_ocr.model import load_encoder
 
     encoder = load_encoder(model, device=args.device, dtype=args.dtype)
-    worker = EncodeWorker(
-        store,
-        encoder.cache_id,
-        encode_function(store, encoder, threads=max(1, args.threads)),
-        modes=MODES,
-        batch=args.batch,
-        claim_after_s=args.claim_after,
-        name=args.name,
-    )
+    try:
+        worker = EncodeWorker(
+            store,
+            encoder.cache_id,
+            encode_function(store, encoder, threads=max(1, args.threads)),
+            modes=MODES,
+            batch=args.batch,
+            claim_after_s=args.claim_after,
+            name=args.name,
+        )
+    except StoreError as exc:
+        raise SystemExit(f"optical-memory worker: {exc}") from None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
