@@ -78,8 +78,9 @@ class Policy:
     a newer page is never blurrier than an older one, unless the query raised the older
     one: a query's best `recall_hits` turns by BM25 (those scoring at least `min_score`
     of the best) raise their pages, whose weight grows by up to `relevance_boost` times,
-    and up to `verbatim_tokens` positions restore those turns as exact text where their
-    page is not text already (0: no verbatim recall). Planner "schedule": the fixed
+    and up to `verbatim_tokens` positions (at most a quarter of what pages may spend)
+    restore those turns as exact text where their page is not text already (0: no
+    verbatim recall). Planner "schedule": the fixed
     `schedule` and the rules below.
 
     Text window: the last `recent_turns` turns stay text, fewer if they hold more

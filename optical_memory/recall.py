@@ -86,8 +86,8 @@ def choose(
     best = max(scores, default=0.0)
     recalled: list[Candidate] = []
     spent = 0
-    for c in candidates:
-        if spent + c.tokens <= min(policy.verbatim_tokens, budget):
+    for c in candidates:  # at most a quarter of the budget, so pages keep room
+        if spent + c.tokens <= min(policy.verbatim_tokens, budget // 4):
             recalled.append(c)
             spent += c.tokens
     budget -= spent

@@ -67,6 +67,7 @@ def test_a_delete_leaves_nothing_behind(store_factory, conversation):
     a, b = OpticalMemory(store), OpticalMemory(store)
     a.extend("s", conversation(120))
     a.messages("s", "q")  # pages sealed, PNGs cached, counters kept
+    assert leftovers(store, "s") > 0
     b.delete("s")
     store.count_cache("s", hits=1)  # a late count from the other replica
     assert store.generation("s") == ""

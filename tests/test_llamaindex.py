@@ -1,8 +1,9 @@
 """The LlamaIndex integration with the real framework: a `SimpleChatEngine` driven by
 LlamaIndex's own mock LLM (the one that records what it was sent) chats over a 300-turn session
 held by `OpticalMemoryBuffer`, sync, streamed and async; the LLM receives the optical context
-(system prompt first, pages as image blocks, the question last) and the memory stores each
-question and answer once; messages keep their fields through the memory both ways."""
+(system prompt first, pages as image blocks and the turns recalled for the question, the
+question last) and the memory stores each question and answer once; messages keep their
+fields through the memory both ways."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from optical_memory.conversation import build_conversation
 from optical_memory.integrations.llamaindex import OpticalMemoryBuffer, from_openai, to_openai
 from optical_memory.memory import OpticalMemory
 from optical_memory.messages import MessageError
+from optical_memory.policy import Policy
+from optical_memory.prompt import PAGES_INTRO, RECALLED_INTRO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -59,12 +62,20 @@ def mem(store) -> OpticalMemory:
     return OpticalMemory(store)
 
 
+@pytest.fixture
+def small_mem(store) -> OpticalMemory:
+    """A memory whose window is too small for its history as text: a history that fits the
+    window is sent as text, the default 8192 would hold most of these tests' turns so."""
+    return OpticalMemory(store, policy=Policy(window=2000))
+
+
 def stored(mem: OpticalMemory, session: str) -> list[dict]:
     return [t.to_message() for t in mem.turns(session)]
 
 
 # --- a chat engine over a long session ---------------------------------------------------
-def test_chat_engine_reads_the_optical_context_and_stores_each_turn_once(mem):
+def test_chat_engine_reads_the_optical_context_and_stores_each_turn_once(small_mem):
+    mem = small_mem
     history = build_conversation(300)
     memory = OpticalMemoryBuffer(memory=mem, session_id="launch")
     assert isinstance(memory, BaseMemory)
@@ -89,8 +100,13 @@ def test_chat_engine_reads_the_optical_context_and_stores_each_turn_once(mem):
         assert all(base64.b64decode(str(b.url).split(",", 1)[1])[:8] == PNG for b in pages)
         (page_message,) = [m for m in sent if any(isinstance(b, ImageBlock) for b in m.blocks)]
         assert page_message.role == MessageRole.USER
-        labels = [b.text for b in page_message.blocks if isinstance(b, TextBlock)]
-        assert len(labels) == len(pages) + 1 and all(lb.startswith("turns ") for lb in labels[1:])
+        texts = [b.text for b in page_message.blocks if isinstance(b, TextBlock)]
+        assert texts[0] == PAGES_INTRO
+        labels, recalled = texts[1 : len(pages) + 1], texts[len(pages) + 1 :]
+        assert len(labels) == len(pages) and all(lb.startswith("turns ") for lb in labels)
+        # SimpleChatEngine puts the question, then gets the context without `input`: no
+        # query, so no turns recalled verbatim after the pages
+        assert recalled == []
         assert sent[-1].role == MessageRole.USER and sent[-1].content == question
         assert [m.content for m in sent].count(question) == 1
         assert len(sent) < 40  # 300 turns: most of them are on the pages
@@ -113,7 +129,7 @@ def test_chat_engine_reads_the_optical_context_and_stores_each_turn_once(mem):
 
 # FunctionAgent's workflow inspects its own members, pydantic v1 names included: not ours
 @pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecationWarning")
-def test_function_agent_stores_its_tool_calls_and_sees_the_question_once(mem):
+def test_function_agent_stores_its_tool_calls_and_sees_the_question_once(small_mem):
     """LlamaIndex's FunctionAgent with its mock function-calling LLM (which calls every tool,
     then answers): the memory keeps the question, the tool call, its result and the answer
     once each; the second model call (after `aget(input=question)`) has the question once."""
@@ -122,6 +138,7 @@ def test_function_agent_stores_its_tool_calls_and_sees_the_question_once(mem):
         """The launch date in a city."""
         return f"March 3rd in {city}"
 
+    mem = small_mem
     history = build_conversation(150)
     memory = OpticalMemoryBuffer(memory=mem, session_id="agent")
     memory.set([from_openai(m) for m in history])
@@ -148,6 +165,10 @@ def test_function_agent_stores_its_tool_calls_and_sees_the_question_once(mem):
     sent = list(llm.last_chat_messages)
     assert sent[0].role == MessageRole.SYSTEM
     assert any(isinstance(b, ImageBlock) for m in sent for b in m.blocks)
+    # got with input=question: the turns it recalls verbatim follow the pages
+    (page_message,) = [m for m in sent if any(isinstance(b, ImageBlock) for b in m.blocks)]
+    assert page_message.blocks[0].text == PAGES_INTRO
+    assert page_message.blocks[-1].text.startswith(RECALLED_INTRO + "\n(turn ")
     assert [m.content for m in sent].count("When do we launch?") == 1
     assert sent[-1].role == MessageRole.TOOL and sent[-1].content == "March 3rd in Paris"
 

@@ -2,8 +2,9 @@
 by the MCP SDK's own client over stdio and over streamable HTTP.
 
 Over stdio: the tools and resource templates listed, a 200-turn conversation remembered (a
-retry with its turn ids stores nothing twice), recalled for a query (the page images are PNGs,
-each after its label; the plan is JSON and agrees with them), a page read as a resource (the
+retry with its turn ids stores nothing twice), recalled for a query within a budget the history
+does not fit as text (the page images are PNGs, each after its label, then the turns the query
+recalls verbatim; the plan is JSON and agrees with them), a page read as a resource (the
 full canvas and a tier's geometry), messages with tool calls kept field for field, errors as
 tool errors naming the problem, forget and sessions. Over HTTP: a server on a free loopback
 port, a tool call, then the process stopped by its pid.
@@ -35,6 +36,7 @@ from PIL import Image
 from optical_memory.conversation import build_conversation
 from optical_memory.integrations.mcp import page_uri
 from optical_memory.memory import OpticalMemory
+from optical_memory.prompt import RECALLED_INTRO
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -134,9 +136,13 @@ async def _check_tools_and_recall(session: ClientSession, store: Path) -> None:
     assert result.structured_content["stored"] == 0
     assert result.structured_content["already_stored"] == 3
 
-    # recall: the context for a query, pages as PNG image content after their labels
+    # recall: the context for a query, pages as PNG image content after their labels; a
+    # history that fits the window goes as text, so a budget that 200 turns do not fit
     query = "What is the marketing budget?"
-    result = await session.call_tool("recall", {"session_id": "chat/42", "query": query})
+    budget = 4000
+    result = await session.call_tool(
+        "recall", {"session_id": "chat/42", "query": query, "budget": budget}
+    )
     assert not result.is_error, _text(result)
     blocks = result.content
     images = [b for b in blocks if b.type == "image"]
@@ -148,14 +154,25 @@ async def _check_tools_and_recall(session: ClientSession, store: Path) -> None:
     assert blocks[0].text.startswith("[system]\nYou are the project assistant")
     assert blocks[-1].text.endswith(f"[user]\n{query}")
 
-    # the plan as JSON: the same pages in the context
+    # the plan as JSON: the same pages in the context (pages as text are in the recent text)
     result = await session.call_tool(
-        "recall", {"session_id": "chat/42", "query": query, "format": "plan"}
+        "recall", {"session_id": "chat/42", "query": query, "format": "plan", "budget": budget}
     )
     plan = json.loads(_text(result))
     assert plan["session_id"] == "chat/42" and plan["turns"] == 200 and plan["fits"]
-    in_context = [p for p in plan["pages"] if p["mode"] is not None]
+    assert plan["window"] == budget
+    in_context = [p for p in plan["pages"] if p["mode"] not in (None, "text")]
     assert len(in_context) == len(images)
+    # the turns recalled verbatim follow the last page image, labelled, oldest first
+    assert plan["recalled"], "the query should recall turns verbatim"
+    assert blocks[-2].type == "image" and blocks[-1].text.startswith(RECALLED_INTRO + "\n")
+    recalled = blocks[-1].text.split("\n[", 1)[0]  # up to the recent turns' first "[role]"
+    labels = [int(n) for n in re.findall(r"^\(turn (\d+), ", recalled, flags=re.MULTILINE)]
+    assert labels == [r["turn"] + 1 for r in plan["recalled"]]
+    with OpticalMemory(store) as mem:
+        recalled_turns = [mem.turns("chat/42")[r["turn"]] for r in plan["recalled"]]
+    for turn in recalled_turns:
+        assert f") {turn.role}: {turn.content}" in blocks[-1].text
 
     # a page as a resource: the full canvas, and at the smallest tier's geometry
     page = await session.read_resource(page_uri("chat/42", 0))

@@ -17,9 +17,16 @@ import torch
 
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy, Schedule
+from optical_memory.prompt import RECALLED_INTRO
 
+# verbatim recall within a quarter of the tiny checkpoint's 1024-position window: the default
+# 1024 would spend all of it on turns the query recalls, leaving no page in context
 POLICY = Policy(
-    schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120, answer_tokens=8
+    schedule=Schedule(((1000, "tiny"),)),
+    recent_turns=3,
+    recent_tokens=120,
+    answer_tokens=8,
+    verbatim_tokens=256,
 )
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +50,12 @@ def test_context_encodes_misses_once_then_reads_the_cache(mem):
     for page, t in zip(pages, tensors):
         assert t.shape == (plan.page_costs[page.mode], mem.model.encoder.hidden_size)
     assert isinstance(first.segments[-1], str) and first.segments[-1].endswith("assistant:")
+    # the turns the query recalls verbatim come after the page embeddings, before the query
+    assert plan.recalled, "the query should recall a turn verbatim"
+    turns = mem.turns("s")
+    assert first.segments[-1].startswith("\n" + RECALLED_INTRO + "\n")
+    for r in plan.recalled:
+        assert f"{turns[r.turn].role}: {turns[r.turn].content}\n" in first.segments[-1]
     again = mem.context("s", "When do we launch?")
     assert again.encoded == 0
     sealed = sum(p.sealed for p in pages)  # sealed pages cache their image too, the open page not

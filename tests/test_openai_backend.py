@@ -2,7 +2,12 @@
 
 What the client sent is read back from the server (`server.requests`), so these tests
 check the wire format a vision model would receive: pages as PNG data URLs at the
-profile's tier geometry, labelled and oldest first, then the recent turns, then the query.
+profile's tier geometry, labelled and oldest first, the turns recalled verbatim for the
+query, then the recent turns, then the query.
+
+A history that fits the window is sent as text (no page images), and these profiles'
+windows (qwen2.5-vl 32768, gpt-4o 128000) hold the whole 300-turn history: the tests that
+need pages in context give each profile a smaller window (WINDOWS).
 """
 
 from __future__ import annotations
@@ -20,32 +25,43 @@ import pytest
 from PIL import Image
 
 from optical_memory import OpticalMemory
-from optical_memory.backends import BackendError, OpenAIBackend, open_backend
+from optical_memory.backends import BackendError, OpenAIBackend, get_profile, open_backend
 from optical_memory.conversation import build_conversation
-from optical_memory.prompt import PAGES_INTRO
+from optical_memory.policy import Policy
+from optical_memory.prompt import PAGES_INTRO, RECALLED_INTRO
 from optical_memory.testing import OpenAITestServer
 
 SESSION = "s"
 QUERY = "When do we launch?"
 MODEL = "test-model"
 PROFILES = ("deepseek-ocr", "qwen2.5-vl", "gpt-4o")
-LABEL = re.compile(r"turns? (\d+)(?:-(\d+))?, (just now|\d+ (minute|hour|day)s? ago)")
+AGE = r"(just now|\d+ (minute|hour|day)s? ago)"
+LABEL = re.compile(r"turns? (\d+)(?:-(\d+))?, " + AGE)
 PNG_URL = "data:image/png;base64,"
+# windows small enough that the 300-turn history does not fit as text: pages go as images
+# (gpt-4o's 4000 sends them at both details, low and high)
+WINDOWS = {"deepseek-ocr": 6000, "qwen2.5-vl": 6000, "gpt-4o": 4000}
 
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory):
     """A SQLite memory file holding 300 turns in session "s", its page PNGs already cached for
-    every profile used here (tests copy it: rendering them once keeps the module fast)."""
+    every profile and window used here (tests copy it: rendering them once keeps the module
+    fast)."""
     path = tmp_path_factory.mktemp("history") / "memory.sqlite3"
     for profile in PROFILES:
-        with OpticalMemory(path, profile=profile) as mem:
+        with OpticalMemory(path, profile=small_window(profile)) as mem:
             if profile == PROFILES[0]:
                 mem.extend(SESSION, build_conversation(300))
-            mem.messages(SESSION, QUERY)
-            if profile == "gpt-4o":
-                mem.messages(SESSION, QUERY, budget=4000)
+            for query in (QUERY, "Where is the party?"):
+                assert mem.plan(SESSION, query).in_context(), f"{profile}: no pages in context"
+                mem.messages(SESSION, query)
     return path
+
+
+def small_window(profile: str):
+    """The profile with its WINDOWS window."""
+    return get_profile(profile).with_window(WINDOWS[profile])
 
 
 @pytest.fixture
@@ -76,7 +92,10 @@ def check_messages(messages, mem: OpticalMemory, plan, query: str) -> None:
     assert messages[k]["role"] == "user"
     parts = messages[k]["content"]
     assert parts[0] == {"type": "text", "text": PAGES_INTRO}
-    assert len(parts) == 1 + 2 * len(pages)
+    assert len(parts) == 1 + 2 * len(pages) + bool(plan.recalled)
+    if plan.recalled:  # the turns recalled verbatim, after the page images, in turn order
+        assert parts[-1]["type"] == "text"
+        check_recalled(parts[-1]["text"], mem, plan)
     previous_last = -1
     for page, label, image in zip(pages, parts[1::2], parts[2::2]):
         assert label["type"] == "text"
@@ -105,6 +124,23 @@ def check_messages(messages, mem: OpticalMemory, plan, query: str) -> None:
     assert messages[-1] == {"role": "user", "content": query}
 
 
+def check_recalled(text: str, mem: OpticalMemory, plan) -> None:
+    """`text` holds RECALLED_INTRO, then each turn of `plan.recalled` as its label and its exact
+    stored text, oldest first; none of them is in the recent text."""
+    turns = mem.turns(plan.session_id)
+    numbers = [r.turn for r in plan.recalled]
+    assert numbers == sorted(set(numbers))
+    assert all(n < plan.text_start[0] and n not in plan.pinned for n in numbers)
+    expected = re.escape(RECALLED_INTRO) + "".join(
+        "\n"
+        + re.escape(f"(turn {n + 1}, ")
+        + AGE
+        + re.escape(f") {turns[n].role}: {turns[n].content}")
+        for n in numbers
+    )
+    assert re.fullmatch(expected, text, flags=re.DOTALL), text
+
+
 def check_stored(mem: OpticalMemory, before: int, question: str, answer: str) -> None:
     turns = mem.turns(SESSION)
     assert len(turns) == before + 2
@@ -113,14 +149,13 @@ def check_stored(mem: OpticalMemory, before: int, question: str, answer: str) ->
 
 
 # --------------------------------------------------------------------------- answers
-@pytest.mark.parametrize(
-    ("profile", "window"),
-    [("qwen2.5-vl", None), ("gpt-4o", 4000)],  # gpt-4o's small window: low and high detail
-)
-def test_ask_sends_the_pages_at_the_tier_geometry(openai_server, memory_file, profile, window):
+@pytest.mark.parametrize("profile", ["qwen2.5-vl", "gpt-4o"])
+def test_ask_sends_the_pages_at_the_tier_geometry(openai_server, memory_file, profile):
+    window = WINDOWS[profile]
     mem = OpticalMemory(memory_file, model=backend(openai_server.base_url, profile, window=window))
     before = len(mem.turns(SESSION))
     plan = mem.plan(SESSION, QUERY)
+    assert plan.recalled, "the query should recall turns verbatim"
     if profile == "gpt-4o":
         details = {mem.tiers[p.mode].detail for p in plan.in_context()}
         assert details == {"low", "high"}, "the plan should exercise both details"
@@ -143,7 +178,8 @@ def test_ask_sends_the_pages_at_the_tier_geometry(openai_server, memory_file, pr
 def test_stream_sends_the_same_context_and_stores_when_complete(
     openai_server, memory_file, profile
 ):
-    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url, profile))
+    model = backend(openai_server.base_url, profile, window=WINDOWS[profile])
+    mem = OpticalMemory(memory_file, model=model)
     before = len(mem.turns(SESSION))
     query = "Where is the party?"
     plan = mem.plan(SESSION, query)
@@ -180,13 +216,32 @@ def test_backend_stream_reports_usage_and_finish_reason(openai_server, memory_fi
 
 @pytest.mark.parametrize("profile", [None, "gpt-4o"])
 def test_messages_need_no_backend_and_are_json(memory_file, profile):
-    with OpticalMemory(memory_file, profile=profile) as mem:
+    if profile is None:  # the default profile, DeepSeek-OCR's, takes the policy's window
+        options = {"policy": Policy(window=WINDOWS["deepseek-ocr"])}
+    else:
+        options = {"profile": small_window(profile)}
+    with OpticalMemory(memory_file, **options) as mem:
         assert mem.backend is None
         plan = mem.plan(SESSION, QUERY)
         messages = mem.messages(SESSION, QUERY)
         assert json.loads(json.dumps(messages)) == messages
         check_messages(messages, mem, plan, QUERY)
         assert mem.profile.name == (profile or "deepseek-ocr")
+
+
+def test_a_history_that_fits_the_window_is_sent_as_text(memory_file):
+    """qwen2.5-vl's own 32768-position window holds the whole history as text: no page images,
+    nothing recalled, every turn as it was given, then the query."""
+    with OpticalMemory(memory_file, profile="qwen2.5-vl") as mem:
+        plan = mem.plan(SESSION, QUERY)
+        messages = mem.messages(SESSION, QUERY)
+        turns = mem.turns(SESSION)
+    assert plan.pages and all(p.mode == "text" for p in plan.pages)
+    assert plan.in_context() == [] and plan.vision_tokens == 0 and not plan.recalled
+    assert plan.text_start == (plan.pages[0].first_turn, 0)
+    assert not any(isinstance(m["content"], list) for m in messages)
+    assert messages[:-1] == [{"role": t.role, "content": t.content} for t in turns]
+    assert messages[-1] == {"role": "user", "content": QUERY}
 
 
 def test_open_backend_spec_gives_a_working_backend(openai_server, memory_file):
@@ -317,7 +372,8 @@ def test_a_retried_ask_stores_question_and_answer_once(openai_server, memory_fil
 
 
 def test_the_answer_names_its_turns_and_positions_by_kind(openai_server, memory_file):
-    mem = OpticalMemory(memory_file, model=backend(openai_server.base_url))
+    model = backend(openai_server.base_url, window=WINDOWS["qwen2.5-vl"])
+    mem = OpticalMemory(memory_file, model=model)
     plan = mem.plan(SESSION, QUERY)
     answer = mem.ask(SESSION, QUERY)
     turns = mem.turns(SESSION)
@@ -326,6 +382,7 @@ def test_the_answer_names_its_turns_and_positions_by_kind(openai_server, memory_
     assert answer.positions == plan.positions()
     assert sum(answer.positions.values()) == plan.total
     assert answer.positions["vision"] == plan.vision_tokens > 0
+    assert answer.positions["recalled"] == plan.recalled_tokens > 0  # the query's hits
     assert answer.positions["pinned"] == plan.pinned_tokens > 0  # the system prompt
 
 

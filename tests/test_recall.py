@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sqlite3
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from optical_memory.modes import FADING_ORDER
 from optical_memory.plan import TEXT
 from optical_memory.policy import Policy
 from optical_memory.solver import solve_readable
-from optical_memory.stores.sqlite import SQLiteStore
 
 RANK = {TEXT: 0, **{m: i + 1 for i, m in enumerate(FADING_ORDER)}, None: len(FADING_ORDER) + 1}
 FACT = "The storage unit code is 4417, next to the blue door on Harbour Street."
@@ -147,6 +145,14 @@ def test_search_ranks_the_planted_turn_first_on_both_stores(mem):
     assert mem.search("s", "storage unit code") == []
 
 
+def test_a_sessions_scores_do_not_depend_on_other_sessions(store):
+    one, other = OpticalMemory(store), OpticalMemory(store)
+    one.extend("a", [{"role": "user", "content": FACT}, {"role": "user", "content": "budget"}])
+    before = one.search("a", "storage code budget")
+    other.extend("b", [{"role": "user", "content": f"budget storage {i}"} for i in range(50)])
+    assert one.search("a", "storage code budget") == before
+
+
 def test_the_query_raises_its_page_and_restores_the_turn_verbatim(mem):
     history = build_conversation(700)
     history[150] = {"role": "user", "content": FACT}
@@ -171,13 +177,3 @@ def test_the_query_raises_its_page_and_restores_the_turn_verbatim(mem):
     assert off.plan("s", query, budget=4000).recalled == ()
 
 
-def test_an_older_store_file_gets_its_search_index(tmp_path):
-    path = tmp_path / "old.sqlite3"
-    mem = OpticalMemory(path)
-    mem.extend("s", [{"role": "user", "content": FACT}, {"role": "assistant", "content": "Noted."}])
-    mem.close()
-    with sqlite3.connect(path) as db:  # as a file made before the index existed
-        db.execute("DROP TABLE turns_fts")
-    store = SQLiteStore(path)
-    assert [h.turn for h in store.search("s", "storage code")] == [0]
-    store.close()

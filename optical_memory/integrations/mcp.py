@@ -171,8 +171,9 @@ def create_server(
 
         format="messages" (default): the context, message by message, each beginning with
         "[role]": pinned system turns, one user message of labelled page images of the older
-        turns (PNG, oldest first; older pages at lower resolution), the recent turns as text,
-        then the query. format="plan": JSON of what the context holds (pages, their tiers,
+        turns (PNG, oldest first; older pages at lower resolution) and of the turns the query
+        recalls verbatim, the recent turns as text, then the query (a history that fits the
+        window comes as text, without page images). format="plan": JSON of what the context holds (pages, their tiers,
         token counts against the window). `budget`: positions (default: the window)."""
         with memory_errors(ToolError):
             if format == "plan":

@@ -269,12 +269,9 @@ class Store(ABC):
         """Remove a session and everything derived from it; False if it did not exist."""
 
     def search(self, session_id: str, query: str, limit: int = 10) -> list[Hit]:
-        """The session's turns that best match `query` by BM25, best first (ties: newer first).
-
-        This default indexes the turn log in this process (`optical_memory.search.TurnIndex`:
-        SQLite FTS5 in memory, caught up on each call); a store that keeps an index of its
-        own overrides it.
-        """
+        """The session's turns that best match `query` by BM25, best first (ties: newer first):
+        an SQLite FTS5 index of the session in this process's memory, caught up from the turn
+        log on each call (`optical_memory.search.TurnIndex`)."""
         index = self.__dict__.get("_turn_index")
         if index is None:
             index = self.__dict__.setdefault("_turn_index", TurnIndex())

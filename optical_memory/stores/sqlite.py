@@ -17,15 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from optical_memory.search import (
-    FTS_DELETE,
-    FTS_INSERT,
-    FTS_SCHEMA,
-    Hit,
-    index_rows,
-    search_index,
-    session_tag,
-)
 from optical_memory.stores.base import (
     CacheLimits,
     NewTurn,
@@ -104,7 +95,6 @@ class SQLiteStore(Store):
             self._db.executescript(_SCHEMA)
             self._migrate_turns()
             self._migrate_sessions()
-            self._migrate_search()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
 
@@ -126,21 +116,6 @@ class SQLiteStore(Store):
         if "generation" not in columns:
             with self._write() as db:
                 db.execute("ALTER TABLE sessions ADD COLUMN generation TEXT")
-
-    def _migrate_search(self) -> None:
-        """Files made before the full-text index get it, filled from their turns."""
-        exists = "SELECT 1 FROM sqlite_master WHERE name = 'turns_fts'"
-        if self._db.execute(exists).fetchone():
-            return
-        with self._write() as db:
-            if db.execute(exists).fetchone():  # another process may have got there first
-                return
-            db.execute(FTS_SCHEMA)
-            for (sid,) in db.execute("SELECT DISTINCT sid FROM turns").fetchall():
-                rows = db.execute(
-                    "SELECT idx, content FROM turns WHERE sid = ? ORDER BY idx", (sid,)
-                ).fetchall()
-                db.executemany(FTS_INSERT, index_rows(sid, rows))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -204,7 +179,6 @@ class SQLiteStore(Store):
                         None if new.plain else new.message_json,
                     ),
                 )
-                db.execute(FTS_INSERT, index_rows(session_id, [(turn.index, turn.content)])[0])
                 pending[new.turn_id] = turn
                 out.append(turn)
                 count += 1
@@ -241,16 +215,7 @@ class SQLiteStore(Store):
             existed = db.execute("DELETE FROM turns WHERE sid = ?", (session_id,)).rowcount > 0
             for table in ("pages", "pins", "cache", "sessions"):
                 db.execute(f"DELETE FROM {table} WHERE sid = ?", (session_id,))
-            db.execute(FTS_DELETE, (f'tag : "{session_tag(session_id)}"',))
         return existed
-
-    def search(self, session_id: str, query: str, limit: int = 10) -> list[Hit]:
-        """BM25 over the session's turns from the full-text index kept in this file."""
-        with self._lock:
-            try:
-                return search_index(self._db, session_id, query, limit)
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
 
     def index_of(self, session_id: str, turn_id: str) -> int | None:
         rows = self._read(
