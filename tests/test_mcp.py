@@ -114,7 +114,7 @@ async def _stdio_checks(store: Path, log: Path) -> None:
 
 async def _check_tools_and_recall(session: ClientSession, store: Path) -> None:
     tools = {t.name: t for t in (await session.list_tools()).tools}
-    assert set(tools) == {"remember", "recall", "forget", "sessions"}
+    assert set(tools) == {"remember", "recall", "search", "forget", "sessions"}
     assert tools["recall"].input_schema["properties"]["format"]["enum"] == ["messages", "plan"]
     assert tools["remember"].input_schema["required"] == ["session_id", "messages"]
     templates = {
@@ -173,6 +173,21 @@ async def _check_tools_and_recall(session: ClientSession, store: Path) -> None:
         recalled_turns = [mem.turns("chat/42")[r["turn"]] for r in plan["recalled"]]
     for turn in recalled_turns:
         assert f") {turn.role}: {turn.content}" in blocks[-1].text
+
+    # search: the best turns for the words of a query, each with its exact message
+    result = await session.call_tool(
+        "search", {"session_id": "chat/42", "query": "launch date", "limit": 3}
+    )
+    found = result.structured_content["result"]
+    assert 1 <= len(found) <= 3 and [f["score"] for f in found] == sorted(
+        (f["score"] for f in found), reverse=True
+    )
+    with OpticalMemory(store) as mem:
+        stored = mem.turns("chat/42")
+    assert all(f["message"] == stored[f["turn"]].to_message() for f in found)
+    assert all("launch" in f["message"]["content"].lower() for f in found)
+    result = await session.call_tool("search", {"session_id": "chat/42", "query": "x", "limit": 0})
+    assert result.is_error and "limit must be between 1 and 100" in result.content[0].text
 
     # a page as a resource: the full canvas, and at the smallest tier's geometry
     page = await session.read_resource(page_uri("chat/42", 0))

@@ -26,10 +26,11 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from mcp.types import ImageContent, TextContent, ToolAnnotations
+from typing_extensions import TypedDict  # pydantic reads it in lists on Python < 3.12
 
 from optical_memory.cache import encode_png
 from optical_memory.memory import OpticalMemory, check_id
@@ -84,6 +85,15 @@ class Forgotten(TypedDict):
 
     session_id: str
     deleted_turns: int
+
+
+class Found(TypedDict):
+    """A turn `search` found: its index, BM25 score, id and message."""
+
+    turn: int
+    score: float
+    turn_id: str
+    message: dict[str, Any]
 
 
 def page_uri(session_id: str, page: int, tier: str | None = None) -> str:
@@ -180,6 +190,27 @@ def create_server(
                 plan = mem.plan(session_id, query, budget)
                 return [TextContent(type="text", text=plan.to_json())]
             return _blocks(mem.messages(session_id, query, budget))
+
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="Search a session's turns", readOnlyHint=True, openWorldHint=False
+        ),
+    )
+    def search(session_id: str, query: str, limit: int = 10) -> list[Found]:
+        """The turns of a session that best match `query` (BM25 over the words of every turn),
+        best first, each with its exact stored message: for quoting what was said, word for
+        word. `limit`: at most this many turns (1 to 100)."""
+        with memory_errors(ToolError):
+            if not 1 <= limit <= 100:
+                raise ValueError(f"limit must be between 1 and 100, got {limit}")
+            found = []
+            for hit in mem.search(session_id, query, limit):
+                (turn,) = mem.turns(session_id, hit.turn, hit.turn + 1)
+                found.append(
+                    Found(turn=hit.turn, score=hit.score, turn_id=turn.turn_id,
+                          message=turn.to_message())
+                )
+            return found
 
     @server.tool(
         annotations=ToolAnnotations(
