@@ -19,6 +19,7 @@ Results go to benchmarks/results/serve.json (`--out` to change).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import platform
@@ -70,7 +71,7 @@ def open_memory(store: Path, model: str, device: str) -> Any:
     return OpticalMemory(store, model=model, device=device)
 
 
-def _serve(store: str, model: str, device: str, port: int, threads: int) -> None:
+def _serve(store: str, model: str, device: str, port: int, threads: int, http: str) -> None:
     import uvicorn
 
     from optical_memory.apps.server import create_app
@@ -79,7 +80,8 @@ def _serve(store: str, model: str, device: str, port: int, threads: int) -> None
     if model != "echo":
         memory.backend.model  # noqa: B018 (load before serving)
     app = create_app(memory, threads=threads)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                http=http)
 
 
 def _free_port() -> int:
@@ -88,7 +90,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stats(latencies: list[float], wall: float) -> dict[str, float]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stats(latencies: list[float], wall: float, cpu: float) -> dict[str, float]:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {
@@ -97,6 +105,9 @@ def _stats(latencies: list[float], wall: float) -> dict[str, float]:
         "p50_ms": round(statistics.median(ordered) * 1000, 2),
         "p99_ms": round(p99 * 1000, 2),
         "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
+        # CPU time per request (the benchmark process, and the server's for HTTP): unlike
+        # latency, it does not grow when other work shares the machine
+        "cpu_ms_per_request": round(cpu / len(ordered) * 1000, 2),
     }
 
 
@@ -141,6 +152,8 @@ def main() -> None:
                         "(default 32)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds per level, alternating in-process and HTTP (default 3)")
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                        help="uvicorn's HTTP parser (auto: httptools when installed)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "serve.json"))
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -158,7 +171,7 @@ def main() -> None:
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
     server = ctx.Process(target=_serve, args=(str(work / "served.sqlite3"), model, args.device,
-                                              port, threads), daemon=True)
+                                              port, threads, args.http), daemon=True)
     server.start()
     import httpx
 
@@ -212,24 +225,39 @@ def main() -> None:
             r.raise_for_status()
 
         # rounds alternate between the two, so load from elsewhere on the machine falls on both
-        runs: dict[str, tuple[list[float], float]] = {"inproc": ([], 0.0), "http": ([], 0.0)}
+        runs: dict[str, tuple[list[float], float, float]] = {
+            "inproc": ([], 0.0, 0.0), "http": ([], 0.0, 0.0)}
+        server_cpu = 0.0
         for _ in range(args.rounds):
             for mode, ask in (("inproc", ask_inproc), ("http", ask_http)):
+                cpu0 = os.times()
+                server0 = _cpu_seconds(server.pid)
                 lat, wall = _run(clients, per_client, ask)
-                runs[mode] = (runs[mode][0] + lat, runs[mode][1] + wall)
+                cpu1 = os.times()
+                cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+                if mode == "http":
+                    server_cpu += _cpu_seconds(server.pid) - server0
+                    cpu += _cpu_seconds(server.pid) - server0
+                lat0, wall0, cpu_total = runs[mode]
+                runs[mode] = (lat0 + lat, wall0 + wall, cpu_total + cpu)
         inproc = _stats(*runs["inproc"])
         over_http = _stats(*runs["http"])
+        over_http["server_cpu_ms_per_request"] = round(
+            server_cpu / over_http["requests"] * 1000, 2)
         results[str(clients)] = {
             "in_process": inproc,
             "http": over_http,
             "http_overhead_p50_ms": round(over_http["p50_ms"] - inproc["p50_ms"], 2),
+            "http_overhead_cpu_ms": round(
+                over_http["cpu_ms_per_request"] - inproc["cpu_ms_per_request"], 2),
             "throughput_ratio": round(over_http["requests_per_s"] / inproc["requests_per_s"], 3),
         }
         print(f"{clients:>3} clients: in-process {inproc['requests_per_s']:.1f} req/s p50 "
               f"{inproc['p50_ms']:.1f} ms p99 {inproc['p99_ms']:.1f} ms | HTTP "
               f"{over_http['requests_per_s']:.1f} req/s p50 {over_http['p50_ms']:.1f} ms p99 "
               f"{over_http['p99_ms']:.1f} ms | +{results[str(clients)]['http_overhead_p50_ms']}"
-              " ms p50", flush=True)
+              f" ms p50 | CPU/request {inproc['cpu_ms_per_request']} vs "
+              f"{over_http['cpu_ms_per_request']} ms", flush=True)
     for c in pool:
         c.close()
     server.terminate()
@@ -249,6 +277,8 @@ def main() -> None:
         "workload": {
             "history_turns": HISTORY_TURNS, "max_tokens": MAX_TOKENS,
             "requests_per_round": args.requests, "rounds": args.rounds,
+            "http_parser": args.http if args.http != "auto" else (
+                "httptools" if importlib.util.find_spec("httptools") else "h11"),
             "request": "POST /v1/chat/completions with only the new message (X-Session-Id); "
                        "in-process: OpticalMemory.ask with the same question",
         },

@@ -311,6 +311,8 @@ BAD = [
      ["not UTF-8"]),
     ("deep nesting", "POST", "/v1/chat/completions", {"X-Session-Id": "b"},
      b"[" * 100_000 + b"]" * 100_000, 400, ["nested too deeply"]),
+    ("NaN", "POST", "/v1/chat/completions", {"X-Session-Id": "b"},
+     b'{"model": "optical-memory", "temperature": NaN, "messages": []}', 400, ["NaN"]),
     ("array body", "POST", "/v1/chat/completions", {"X-Session-Id": "b"}, [1], 400,
      ["JSON object"]),
     ("no model", "POST", "/v1/chat/completions", {"X-Session-Id": "b"},

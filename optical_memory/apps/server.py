@@ -386,7 +386,9 @@ class Server:
         memory.cache = CountingCache(memory.store, self.metrics)
         self.metrics.queue.set_function(lambda: _queue_depth(memory.backend))
         models = [config.model_id]
-        upstream = getattr(memory.backend, "model", None)
+        # the upstream's model name (an instance attribute: a local backend's `model` property
+        # would load the checkpoint here)
+        upstream = vars(memory.backend).get("model") if memory.backend is not None else None
         if isinstance(upstream, str) and upstream not in models:
             models.append(upstream)
         self.models = models
@@ -441,7 +443,9 @@ class Server:
     async def json_body(self, request: Request) -> Any:
         raw = await self.body(request)
         try:
-            return json.loads(raw)
+            if len(raw) > 1 << 20:  # a large body is parsed off the event loop
+                return await run_in_threadpool(_parse_json, raw)
+            return _parse_json(raw)
         except UnicodeDecodeError as exc:
             raise ApiError(400, f"the request body is not UTF-8: {exc.reason} at byte "
                            f"{exc.start}") from None
@@ -900,6 +904,15 @@ class Server:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(iterate_in_threadpool(events()), media_type="text/event-stream",
                                  headers=headers)
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """JSON of a request body, strictly: UTF-8, and no NaN or Infinity."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
 
 
 def _queue_depth(backend: Any) -> float:
