@@ -178,7 +178,8 @@ def test_streaming_sync_and_async_clients(served):
 
     plain, streamed, last = asyncio.run(chat())
     assert plain == streamed == REPLY
-    assert last.choices and last.usage is None  # no usage chunk unless include_usage
+    # no usage chunk unless include_usage (as OpenAI); the last chunk carries the usage then
+    assert last.choices[0].finish_reason == "stop" and last.usage.prompt_tokens > 0
     assert [m["content"] for m in turns(served, "stream")] == [
         "Stream it.", REPLY, "Async.", REPLY, "Async stream.", REPLY
     ]
@@ -652,3 +653,16 @@ def test_the_readme_client_example_runs_as_written(served, capsys):
     assert [m["content"] for m in turns(served, "readme-example")] == [
         "Our launch date is March 3rd.", REPLY, "When do we launch?", REPLY
     ]
+
+
+def test_debug_logging_alone_shows_message_content(upstream, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="optical_memory.serve")
+    backend = OpenAIBackend(upstream.base_url, "test-model", max_retries=0)
+    body = {"model": MODEL, "user": "dbg", "messages": [{"role": "user", "content": "VISIBLE"}]}
+    with OpticalMemory(tmp_path / "m.sqlite3", model=backend) as memory:
+        for debug in (False, True):
+            caplog.clear()
+            with BackgroundServer(create_app(memory, debug=debug)) as server:
+                assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+            dump = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+            assert ("VISIBLE" in dump) is debug

@@ -851,15 +851,16 @@ class Server:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None,
+                  usage: dict[str, Any] | None = None) -> str:
             obj: dict[str, Any] = {
                 "id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": req.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                              "logprobs": None}],
             }
-            if include_usage:
-                obj["usage"] = None
+            if include_usage or usage is not None:
+                obj["usage"] = usage
             return f"data: {dump_json(obj)}\n\n"
 
         fields = request.state.fields
@@ -888,7 +889,8 @@ class Server:
             if answer is not None and first is None and answer.text:
                 yield chunk({"content": answer.text})
             usage = self._usage(answer)
-            yield chunk({}, (answer.finish_reason or "stop"))
+            # without include_usage the usage rides on the last chunk, beside its choices
+            yield chunk({}, answer.finish_reason or "stop", None if include_usage else usage)
             if include_usage:
                 final = {
                     "id": cid, "object": "chat.completion.chunk", "created": created,
