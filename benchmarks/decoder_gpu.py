@@ -173,6 +173,13 @@ def scheduler_tokens_per_s(
     sync()
     total = time.perf_counter() - start
     reqs = [h.request for h in handles]
+    stats = {
+        "decode_steps": sched.steps,
+        "mean_rows_per_step": sched.step_rows / max(1, sched.steps),
+        "tokens_per_s_in_decode_steps": sched.step_rows / sched.decode_seconds,
+        "decode_step_ms": 1e3 * sched.decode_seconds / max(1, sched.steps),
+        "prefill_ms_per_request": 1e3 * sched.prefill_seconds / batch,
+    }
     last_first = max(r.first_token for r in reqs) - start
     decode_s = max(r.finished for r in reqs) - max(r.first_token for r in reqs)
     out = {
@@ -180,7 +187,10 @@ def scheduler_tokens_per_s(
         "context_lengths": [min(sizes), max(sizes)],
         "steps": steps,
         "tokens_per_s_end_to_end": batch * steps / total,
-        "tokens_per_s_decoding": batch * (steps - 1) / decode_s if decode_s > 0 else None,
+        "tokens_per_s_after_last_first_token": batch * (steps - 1) / decode_s
+        if decode_s > 0
+        else None,
+        **stats,
         "seconds": total,
         "prefills_done_s": last_first,
         "warmup_s": warm_s,
@@ -191,6 +201,32 @@ def scheduler_tokens_per_s(
     }
     sched.close()
     del sched
+    return out
+
+
+@torch.no_grad()
+def prefill_new_lengths(dec: DeepseekOCRDecoder, length: int, n: int = 4) -> dict:
+    """Prefill ms of `n` prompts of lengths not seen before, then of the last length again,
+    with SDPA's default choice (cuDNN on Hopper) and with flash attention only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for name, backends in (
+        ("default", None),
+        ("flash", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]),
+    ):
+        times = []
+        for i in range(n + 1):
+            seq = length + (i if i < n else n - 1) + (0 if name == "default" else 2 * n)
+            emb = torch.randn(1, seq, dec.config.hidden_size, device=DEVICE, dtype=dec.dtype)
+            ctx = sdpa_kernel(backends) if backends else torch.no_grad()
+            with ctx:
+                sync()
+                start = time.perf_counter()
+                dec(emb, cache=dec.new_cache(), logits_to_keep=1)
+                sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        out[name] = {"new_length_ms": times[:n], "same_length_again_ms": times[n]}
     return out
 
 
@@ -246,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile-step",
         action="store_true",
-        help="also measure the scheduler's step compiled with torch.compile (batch 1 and the "
-        "largest batch)",
+        help="also measure the scheduler's step compiled with torch.compile (batch 1, one bucket)",
     )
     args = ap.parse_args(argv)
     sections = set(args.sections)
@@ -314,6 +349,7 @@ def scheduler_section(result: dict, dec: DeepseekOCRDecoder, args) -> None:
     mid = sum(lengths) // 2
     steps = args.scheduler_steps
     r: dict = {
+        "prefill_new_lengths": prefill_new_lengths(dec, mid),
         "what": "requests of random context lengths submitted at once to one Scheduler "
         "(paged KV cache, Triton decode attention, CUDA-graph steps per batch bucket); "
         f"{steps} greedy tokens each; the baseline runs requests one at a time through the "
@@ -326,7 +362,7 @@ def scheduler_section(result: dict, dec: DeepseekOCRDecoder, args) -> None:
         print("scheduler", json.dumps(r["batches"][-1]), flush=True)
     if args.compile_step:
         r["compiled_step"] = []
-        for b in sorted({1, max(args.scheduler_batches)}):
+        for b in (1,):
             try:
                 r["compiled_step"].append(
                     scheduler_tokens_per_s(dec, b, lengths, steps, compile_step=True)

@@ -25,6 +25,7 @@ teacher-forced logits within the equivalence harness's tolerance, checked by
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import queue
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import apply_rotary_pos_emb
 
 from optical_memory.backends.deepseek_ocr.context import DecoderInputs
@@ -232,8 +234,10 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.steps = 0
-        self.step_rows = 0
+        self.steps = 0  # decode steps run
+        self.step_rows = 0  # sequences they advanced
+        self.decode_seconds = 0.0  # wall time in decode steps (launch to logits on the host)
+        self.prefill_seconds = 0.0
 
     # ------------------------------------------------------------------ public
     def submit(
@@ -343,8 +347,11 @@ class Scheduler:
             self._waiting.popleft()
             budget -= r.prompt_length
             prefilled += 1
+            start = time.perf_counter()
             logits = self._prefill(r)
-            if self._choose(r, logits):
+            keep = self._choose(r, logits)
+            self.prefill_seconds += time.perf_counter() - start
+            if keep:
                 self._running.append(r)
         if self._running:
             self._decode(self._running)
@@ -409,12 +416,21 @@ class Scheduler:
             v = attn.v_proj(x).view(1, n, self.heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.cache.write(li, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+            with self._prefill_attention():
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.decoder.model.norm(h[:, -1:])
         r.cached = n
         return self.decoder._lm_head(h)[:, -1]
+
+    def _prefill_attention(self):
+        # cuDNN's attention builds an execution plan for every new sequence length (measured
+        # by benchmarks/decoder_gpu.py: about 100 ms the first time a length is seen), and
+        # every prompt has its own length: flash attention has no per-length cost.
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
     def _step(self, b: _Bucket) -> torch.Tensor:
         """One token for each row of bucket `b` -> logits [rows, vocab] (float32)."""
@@ -468,6 +484,7 @@ class Scheduler:
         b.graph = graph
 
     def _decode(self, running: list[Request]) -> None:
+        start = time.perf_counter()
         n = len(running)
         b = self._bucket(n)
         tokens = torch.zeros(b.size, dtype=torch.long)
@@ -498,6 +515,7 @@ class Scheduler:
         self.step_rows += n
         greedy = [r.plain_greedy for r in running]
         argmax = logits[:n].argmax(dim=-1).tolist() if any(greedy) else None
+        self.decode_seconds += time.perf_counter() - start
         for i, r in enumerate(running):
             r.cached += 1
             row = logits[i : i + 1]
