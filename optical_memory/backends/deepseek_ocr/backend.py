@@ -204,8 +204,9 @@ class DeepSeekOCRBackend(Backend):
     ) -> tuple[list[torch.Tensor], int]:
         """Vision tokens of the plan's pages in context, oldest first; encodes only cache misses.
 
-        Misses go to the backend's `encoding` (see the class); `batch_size` bounds the
-        batches of encoding="inline" (the queues take `encode_batch`).
+        Misses go to the backend's `encoding` (see the class). `batch_size`: with "inline" the
+        most pages per forward pass; with "local" the most pages this call has in the queue
+        at once (the queue's passes take up to `encode_batch` pages of every caller).
         """
         encoder = self.model.encoder
         dtype = str(encoder.dtype).removeprefix("torch.")
@@ -240,8 +241,15 @@ class DeepSeekOCRBackend(Backend):
                     (item for group in misses.values() for item in group),
                     key=lambda item: item[0].index,
                 )
-                encode = self._encode_local if self.encoding == "local" else self._encode_workers
-                for p, embedding in encode(memory, session_id, records, queued, shapes, dtype):
+                if self.encoding == "local":
+                    encoded_now = self._encode_local(
+                        memory, session_id, records, queued, shapes, batch_size
+                    )
+                else:
+                    encoded_now = self._encode_workers(
+                        memory, session_id, records, queued, shapes, dtype
+                    )
+                for p, embedding in encoded_now:
                     out[p.index] = embedding
                     bar.update(1)
                 misses = {}
@@ -263,45 +271,42 @@ class DeepSeekOCRBackend(Backend):
         records: dict[int, PageRecord],
         queued: list[tuple[PagePlan, str]],
         shapes: dict[int, tuple[int, int]],
-        dtype: str,
+        batch_size: int,
     ) -> Iterator[tuple[PagePlan, torch.Tensor]]:
-        """Through the in-process queue: views made here (in the caller's thread, beside
-        other callers'), forward passes in the queue's thread."""
+        """Through the in-process queue, `batch_size` pages at a time: views made here (in the
+        caller's thread, beside other callers'), forward passes in the queue's thread."""
         import time
 
         from optical_memory.backends.deepseek_ocr.preprocess import make_views
 
         queue = self.encode_queue
-        pages = [
-            (
-                PageJob(session_id, key, p.index, p.mode),
-                make_views(memory.page_image(session_id, records[p.index]), p.mode),
-            )
-            for p, key in queued
-        ]
 
         def store(job: PageJob, embedding: torch.Tensor) -> None:  # in the encoding thread
             if tuple(embedding.shape) == shapes[job.index]:  # else never read back
                 memory.cache.put_tensor(session_id, job.key, embedding)
 
-        futures = [
-            (p, key, job, *submitted)
-            for (p, key), (job, _), submitted in zip(queued, pages, queue.submit_many(pages, store))
-        ]
-        del pages  # the views are the queue's now
         deadline = time.monotonic() + self.encode_timeout_s
-        for n, (p, _, _, future, _) in enumerate(futures):
-            try:
-                embedding = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                late = [f[2] for f in futures[n:] if not f[3].done()]
-                raise EncodeTimeoutError(
-                    f"{len(late)} page(s) not encoded within the {self.encode_timeout_s:g} s "
-                    f"encode timeout: {describe_pages(late)}; the in-process queue holds "
-                    f"{queue.depth} page(s)",
-                    late,
-                ) from None
-            yield p, embedding
+        jobs = [PageJob(session_id, key, p.index, p.mode) for p, key in queued]
+        step = max(1, batch_size)
+        for start in range(0, len(queued), step):
+            chunk = jobs[start : start + step]
+            views = [make_views(memory.page_image(session_id, records[j.index]), j.mode)
+                     for j in chunk]
+            futures = [f for f, _ in queue.submit_many(list(zip(chunk, views)), store)]
+            del views  # the queue's now
+            for n, future in enumerate(futures):
+                try:
+                    embedding = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    late = [j for j, f in zip(chunk[n:], futures[n:]) if not f.done()]
+                    late += jobs[start + step :]
+                    raise EncodeTimeoutError(
+                        f"{len(late)} page(s) not encoded within the {self.encode_timeout_s:g} "
+                        f"s encode timeout: {describe_pages(late)}; the in-process queue holds "
+                        f"{queue.depth} page(s)",
+                        late,
+                    ) from None
+                yield queued[start + n][0], embedding
 
     def _encode_workers(
         self,
