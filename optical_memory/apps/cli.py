@@ -102,7 +102,8 @@ _STORE_DEFAULT = "$OPTICAL_MEMORY_STORE, else the embedded SQLite file"
 def _store_option(p: argparse.ArgumentParser, default_help: str = _STORE_DEFAULT) -> None:
     p.add_argument(
         "--store",
-        help="redis://host:port/db, rediss://..., unix:///socket, sqlite:///path or a file path "
+        help="redis://host:port/db, rediss://..., redis+cluster://host:port, unix:///socket, "
+        "sqlite:///path or a file path "
         f"(default: {default_help})",
     )
 
