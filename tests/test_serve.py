@@ -374,6 +374,11 @@ BAD = [
     ("turns of unknown session", "GET", "/v1/sessions/nobody/turns", {}, None, 404, ["nobody"]),
     ("plan of unknown session", "GET", "/v1/sessions/nobody/plan", {}, None, 404, ["nobody"]),
     ("bad start", "GET", "/v1/sessions/known/turns?start=-1", {}, None, 400, ["start"]),
+    ("start past 64 bits", "GET", "/v1/sessions/known/turns?stop=99999999999999999999999", {},
+     None, 400, ["stop must be 0 to"]),
+    ("max_tokens past 32 bits", "POST", "/v1/chat/completions", {"X-Session-Id": "b"},
+     {"model": MODEL, "max_tokens": 10**30, "messages": [{"role": "user", "content": "hi"}]},
+     400, ["max_tokens"]),
     ("start not int", "GET", "/v1/sessions/known/turns?start=x", {}, None, 400, ["start"]),
     ("no such page", "GET", "/v1/sessions/known/pages/99.png", {}, None, 404, ["no page 99"]),
     ("bad tier", "GET", "/v1/sessions/known/pages/0.png?tier=huge", {}, None, 400,
@@ -517,6 +522,12 @@ def test_upstream_failure_is_a_502_and_stores_nothing(tmp_path):
                        headers={"X-Session-Id": "x"})
             assert_error(r, 502, "HTTP 500")
             assert h.get("/v1/sessions").json()["data"] == []
+        bare = OpticalMemory(tmp_path / "none.sqlite3")  # no --model: 503, and not ready
+        with BackgroundServer(create_app(bare)) as server, httpx.Client(base_url=server.url) as h:
+            r = h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "x"})
+            assert_error(r, 503, "no model")
+            assert h.get("/readyz").json()["problems"]["model"].startswith("no model")
+        bare.close()
         memory.close()
 
 

@@ -78,6 +78,7 @@ TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_HASH = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 COOKIE = "om_key"
+MAX_INT = 2**31 - 1  # bound of integer parameters (a store's integers are 64-bit)
 # sampling settings passed on to an OpenAI-compatible upstream (other backends take none)
 UPSTREAM_OPTIONS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
 
@@ -238,13 +239,13 @@ class ChatRequest(BaseModel):
     messages: list[Any] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     n: int = 1
     user: str | None = None
     temperature: float | int | None = Field(default=None, ge=0, le=2)
     top_p: float | int | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     presence_penalty: float | int | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | int | None = Field(default=None, ge=-2, le=2)
@@ -649,6 +650,9 @@ class Server:
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
                            f"{', '.join(map(repr, self.models))}", "model", "not_found_error",
                            "model_not_found")
+        if self.memory.backend is None:
+            raise ApiError(503, "this server has no model to answer with (start it with "
+                           "--model)", None, "server_error", "no_model")
         if req.n != 1:
             raise ApiError(400, f"n must be 1 (one answer is stored), got {req.n}", "n")
         if req.stream_options is not None and not req.stream:
@@ -936,8 +940,8 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
         number = int(value)
     except ValueError:
         raise ApiError(400, f"{name} must be an integer, got {value[:50]!r}", name) from None
-    if number < 0:
-        raise ApiError(400, f"{name} must be >= 0, got {number}", name)
+    if not 0 <= number <= MAX_INT:
+        raise ApiError(400, f"{name} must be 0 to {MAX_INT}, got {value[:50]}", name)
     return number
 
 
