@@ -412,7 +412,7 @@ class RedisEncodeQueue:
             while waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._timeout([by_key[k] for k in waiting])
+                    raise self._timeout(sorted((by_key[k] for k in waiting), key=_order))
                 with _redis_errors("waiting for encoded pages", store):
                     got = client.blpop([reply], timeout=min(1.0, left))
                 if got is None:  # a notice lost or expired: the cache says what is done
@@ -430,8 +430,8 @@ class RedisEncodeQueue:
             with _redis_errors("cleaning up a wait", store):
                 client.delete(reply)
         if errors:
-            failed = [by_key[k] for k in errors]
-            reasons = "; ".join(f"{by_key[k].describe()}: {why}" for k, why in errors.items())
+            failed = sorted((by_key[k] for k in errors), key=_order)
+            reasons = "; ".join(f"{job.describe()}: {errors[job.key]}" for job in failed)
             raise EncodeError(f"the encode workers could not encode {len(failed)} page(s): {reasons}")
         return set(by_key)
 
@@ -453,6 +453,10 @@ class RedisEncodeQueue:
             f"{describe_pages(jobs)}; {hint}",
             jobs,
         )
+
+
+def _order(job: PageJob) -> tuple[str, int]:
+    return job.session_id, job.index
 
 
 def _entry(job: PageJob) -> dict[str, str]:

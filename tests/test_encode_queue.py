@@ -409,3 +409,26 @@ def test_worker_command_refuses_what_it_cannot_serve(checkpoint, tmp_path, monke
             main(["worker", "--model", str(checkpoint), *argv])
     with pytest.raises(SystemExit, match="give --model"):
         main(["worker", "--store", "redis://127.0.0.1:6379/15"])
+
+
+def test_encoding_defaults_to_the_environment(model, monkeypatch):
+    monkeypatch.delenv("OPTICAL_MEMORY_ENCODING", raising=False)
+    assert DeepSeekOCRBackend(model).encoding == "local"
+    monkeypatch.setenv("OPTICAL_MEMORY_ENCODING", "workers")
+    assert DeepSeekOCRBackend(model).encoding == "workers"
+    assert DeepSeekOCRBackend(model, encoding="inline").encoding == "inline"
+    monkeypatch.setenv("OPTICAL_MEMORY_ENCODING", "gpu")
+    with pytest.raises(ValueError, match=r"local, workers, inline, got 'gpu'.*OPTICAL_MEMORY_ENCODING"):
+        DeepSeekOCRBackend(model)
+
+
+def test_inline_encoding_uses_no_queue(tmp_path, model, conversation):
+    mem = _memory(tmp_path / "m.sqlite3", model, encoding="inline")
+    mem.extend("s", conversation(30))
+    context = mem.context("s", QUERY)
+    got = [s for s in context.segments if isinstance(s, torch.Tensor)]
+    assert context.encoded == len(got) > 0
+    assert mem.backend._local_queue is None and mem.backend.encode_queue_depth == 0
+    for a_tokens, b_tokens in zip(got, _alone(mem, "s")):
+        torch.testing.assert_close(a_tokens, b_tokens, rtol=1e-5, atol=1e-5)
+    mem.close()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from optical_memory.pages import PageRecord
 
 ENCODINGS = ("local", "workers", "inline")
+ENCODING_ENV = "OPTICAL_MEMORY_ENCODING"  # the default of `encoding` (e.g. for the CLI and serve)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class DeepSeekOCRBackend(Backend):
     `batching`: answers from all threads share the model's continuous-batching `Scheduler`
     (default: on for CUDA); `scheduler` holds its options (max_batch, kv_cache_tokens, ...).
 
-    Pages missing from the vision-token cache are encoded by `encoding`:
+    Pages missing from the vision-token cache are encoded by `encoding` (default:
+    $OPTICAL_MEMORY_ENCODING, else "local"):
     - "local" (default): one queue and one encoding thread per backend, shared by every
       session and thread using it: up to `encode_batch` pages of one tier per forward pass,
       taken from all concurrent `context()` / `ask()` calls (see `LocalEncodeQueue`);
@@ -87,12 +89,17 @@ class DeepSeekOCRBackend(Backend):
         dtype: str | None = None,
         batching: bool | None = None,
         scheduler: dict[str, Any] | None = None,
-        encoding: str = "local",
+        encoding: str | None = None,
         encode_batch: int = 8,
         encode_timeout_s: float = 300.0,
     ) -> None:
+        if encoding is None:
+            encoding = os.environ.get(ENCODING_ENV) or "local"
         if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+            raise ValueError(
+                f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r} "
+                f"(from ${ENCODING_ENV} unless given)"
+            )
         if encode_batch < 1:
             raise ValueError(f"encode_batch must be at least 1, got {encode_batch}")
         if encode_timeout_s <= 0:
