@@ -996,7 +996,10 @@ def create_app(
                 fields.update(request.state.fields)
                 if "tenant" not in fields and server.config.keys:
                     fields["tenant"] = getattr(request.state, "tenant", None)
-                log.info("request", extra={"fields": fields})
+                # probes and scrapes that succeed log at debug level: no noise every few seconds
+                quiet = name in ("healthz", "readyz", "metrics") and status < 400
+                log.log(logging.DEBUG if quiet else logging.INFO, "request",
+                        extra={"fields": fields})
 
             if isinstance(response, StreamingResponse):
                 inner = response.body_iterator
