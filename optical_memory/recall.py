@@ -111,23 +111,21 @@ def choose(
     ])
     values = weight[:, None] * np.array([p.text_tokens for p in pages])[:, None] * precision
 
-    everything = np.ones(n, dtype=bool)
-    # The text run the history has without the query: pages there stay in the chain (and
-    # may stay text); older pages with hits are raised, out of forgetting's order.
-    run = n
-    if best:
-        ages = np.array([policy.age_weight(p.age) for p in pages])
-        plain = ages[:, None] * np.array([p.text_tokens for p in pages])[:, None] * precision
-        first = solve_readable(plain, costs, budget, everything, policy.monotone)
-        run = next((i for i, o in enumerate(first) if o == 0), n)
-    raised = {i for i, s in enumerate(scores) if s > 0 and i < run}
+    # First every page in forgetting's order; pages with hits older than the text run that
+    # gives are then raised: out of the order, restored verbatim rather than shown as text.
+    raised: set[int] = set()
     while True:  # a raised page inside the text run joins it: its turns are text there
         chained = np.array([i not in raised for i in range(n)], dtype=bool)
         offered = values.copy()
-        offered[list(raised), 0] = -np.inf  # raised pages are restored verbatim, not as text
+        offered[list(raised), 0] = -np.inf
         picked = solve_readable(offered, costs, budget, chained, policy.monotone) if n else []
-        text = [i for i, o in enumerate(picked) if o == 0]
-        inside = {i for i in raised if text and i > min(text)}
+        run = next((i for i, o in enumerate(picked) if o == 0), n)
+        if not raised:
+            raised = {i for i, s in enumerate(scores) if s > 0 and i < run}
+            if raised:
+                continue
+            break
+        inside = {i for i in raised if i > run}
         if not inside:
             break
         raised -= inside

@@ -86,35 +86,26 @@ def _choose(
         out[:, free] = score.argmax(axis=2)
     if not chain.size:
         return out
-    rows = np.arange(k)
+    scores = values[chain][:, None, :] - prices[None, :, None] * costs[chain][:, None, :]
+    rank = np.arange(options)
     back = np.zeros((len(chain), k, options), dtype=np.int64)
-    total = np.zeros((k, options))
-    for step, page in enumerate(chain):  # newest first
-        score = values[page][None, :] - prices[:, None] * costs[page][None, :]
-        if step == 0:
-            total = score
-            continue
+    total = scores[0]
+    for step in range(1, len(chain)):  # newest first
         if monotone:  # an older page's option r may follow any newer option <= r
             best = np.maximum.accumulate(total, axis=1)
-            where = _running_argmax(total)
+            np.maximum.accumulate((total == best) * rank, axis=1, out=back[step])
         else:  # only text is chained: text may follow text only
             best = np.repeat(total.max(axis=1, keepdims=True), options, axis=1)
-            where = np.repeat(total.argmax(axis=1, keepdims=True), options, axis=1)
-            best[:, 0], where[:, 0] = total[:, 0], 0
-        back[step] = where
-        total = score + best
+            back[step] = total.argmax(axis=1)[:, None]
+            best[:, 0], back[step, :, 0] = total[:, 0], 0
+        total = scores[step] + best
     last = total.argmax(axis=1)
+    rows = np.arange(k)
     for step in range(len(chain) - 1, -1, -1):
         out[:, chain[step]] = last
         if step:
             last = back[step][rows, last]
     return out
-
-
-def _running_argmax(total: np.ndarray) -> np.ndarray:
-    """Per row, the index of the maximum of total[:, :r+1] for every r (the last on ties)."""
-    hits = total == np.maximum.accumulate(total, axis=1)
-    return np.maximum.accumulate(np.where(hits, np.arange(total.shape[1]), 0), axis=1)
 
 
 def _fill(
