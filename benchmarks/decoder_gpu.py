@@ -157,7 +157,7 @@ def scheduler_tokens_per_s(
     hidden = dec.config.hidden_size
     sizes = torch.randint(lengths[0], lengths[1] + 1, (batch,), generator=gen).tolist()
     inputs = [random_inputs(n, hidden, DEVICE, dec.dtype, gen) for n in sizes]
-    kv = sum(n + steps for n in sizes) + 1024
+    kv = sum(n + steps for n in sizes) + 64 * batch + 1024  # each request rounds up to a block
     sched = Scheduler(
         dec, eos_id=-1, max_batch=max(batch, 1), kv_cache_tokens=kv, compile_step=compile_step
     )

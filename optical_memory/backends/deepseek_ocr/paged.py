@@ -103,10 +103,35 @@ def paged_decode_attention(
     scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over each sequence's first `lengths[b]` positions -> [batch, heads, head_dim]."""
+    """softmax(q k^T * scale) v over each sequence's first `lengths[b]` positions -> [batch, heads, head_dim].
+
+    A custom op, so `torch.compile` of a step treats it as one opaque kernel."""
+    return torch.ops.optical_memory.paged_decode(
+        query, keys, values, block_table, lengths, block_size, scale, splits or 0
+    )
+
+
+@torch.library.custom_op("optical_memory::paged_decode", mutates_args=())
+def _paged_decode_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    block_size: int,
+    scale: float,
+    splits: int,
+) -> torch.Tensor:
     if use_triton(query):
-        return _triton_decode(query, keys, values, block_table, lengths, block_size, scale, splits)
+        return _triton_decode(
+            query, keys, values, block_table, lengths, block_size, scale, splits or None
+        )
     return reference_decode_attention(query, keys, values, block_table, lengths, block_size, scale)
+
+
+@_paged_decode_op.register_fake
+def _(query, keys, values, block_table, lengths, block_size, scale, splits):
+    return torch.empty_like(query)
 
 
 def use_triton(query: torch.Tensor) -> bool:
