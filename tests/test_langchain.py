@@ -37,6 +37,7 @@ from optical_memory.integrations.langchain import (
 )
 from optical_memory.memory import OpticalMemory
 from optical_memory.messages import IMAGE_SLOT, render_text
+from optical_memory.policy import Policy
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -288,7 +289,7 @@ def test_history_async_methods(tmp_path):
 
 
 def test_from_openai_takes_the_optical_context(tmp_path, conversation):
-    mem = OpticalMemory(tmp_path / "m.sqlite3")
+    mem = OpticalMemory(tmp_path / "m.sqlite3", policy=Policy(window=2000))  # < the history
     mem.extend("ctx", [{"role": "system", "content": "Be terse."}, *conversation(60)])
     context = OpticalChatMessageHistory(mem, "ctx").context("When do we launch?")
     expected = [from_openai(m) for m in mem.messages("ctx", "When do we launch?")]
@@ -317,7 +318,8 @@ class ModelInputs(BaseCallbackHandler):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
 def test_runnable_with_message_history_300_turns(tmp_path, conversation):
-    mem = OpticalMemory(tmp_path / "m.sqlite3")
+    # a window smaller than the history as text, so that later calls read pages
+    mem = OpticalMemory(tmp_path / "m.sqlite3", policy=Policy(window=4000))
     turns = conversation(300, seed=7)
     questions = [t["content"] for t in turns[0::2]]
     answers = [t["content"] for t in turns[1::2]]

@@ -48,7 +48,7 @@ from optical_memory.testing import OpenAITestServer
 path = pathlib.Path(sys.argv[1]) / "memory.sqlite3"
 with OpenAITestServer(reply="March 3rd.") as server:
     backend = OpenAIBackend(server.base_url, "test-model", profile="qwen2.5-vl", timeout=10,
-                            max_retries=0)
+                            max_retries=0, window=4000)  # smaller than the history as text
     with OpticalMemory(path, model=backend) as mem:
         mem.extend("s", build_conversation(200))
         plan = mem.plan("s", "When do we launch?")
