@@ -432,7 +432,9 @@ class RedisEncodeQueue:
         if errors:
             failed = sorted((by_key[k] for k in errors), key=_order)
             reasons = "; ".join(f"{job.describe()}: {errors[job.key]}" for job in failed)
-            raise EncodeError(f"the encode workers could not encode {len(failed)} page(s): {reasons}")
+            raise EncodeError(
+                f"the encode workers could not encode {len(failed)} page(s): {reasons}"
+            )
         return set(by_key)
 
     def _cached(self, sid: str, keys: set[str]) -> set[str]:
@@ -505,13 +507,30 @@ def parse_entry(fields: Any, modes: Iterable[str]) -> PageJob:
     return PageJob(sid, key, index, mode, img, (width, height))
 
 
+@dataclass
+class _Work:
+    """One read of the stream, planned: the entries, their checked pages, what is already
+    decided (entry id -> "" done or an error), the forward passes to run (tier, entry ids,
+    what `prepare` made of them) and duplicates (entry id -> the entry id it repeats)."""
+
+    entries: list[tuple[Any, Any]]
+    jobs: dict[Any, PageJob] = field(default_factory=dict)
+    done: dict[Any, str] = field(default_factory=dict)
+    passes: list[tuple[str, list[Any], Any]] = field(default_factory=list)
+    repeats: dict[Any, Any] = field(default_factory=dict)
+    cached: int = 0  # pages found in the cache already
+
+
 class EncodeWorker:
     """Takes pages from the stream of one encoder and encodes them into the cache.
 
     `store`: the RedisStore of the sessions. `encoder_id`: the encoder's `cache_id`.
-    `encode(mode, jobs) -> list[(bytes | None, error)]` is given the checked pages of one
-    tier (at most `batch`) and returns, per page, the packed cache value to store (see
-    `optical_memory.cache.tensor_to_bytes`) or an error message. `claim_after_s`: entries
+    `encode(mode, jobs, prepared) -> list[(bytes | None, error)]` is given the checked pages
+    of one tier (at most `batch`) and returns, per page, the packed cache value to store (see
+    `optical_memory.cache.tensor_to_bytes`) or an error message. `prepare(mode, jobs)`, when
+    given, does the CPU part beforehand (reading and preprocessing the images): `run` then
+    reads and prepares the next batch in a thread while the current one is encoded, and
+    `encode` gets what it returned (else `prepared` is None). `claim_after_s`: entries
     another consumer took and left unacknowledged that long are claimed (its process died).
     `name`: this consumer's name in the group (default: host, pid and a random suffix).
     """
@@ -520,9 +539,10 @@ class EncodeWorker:
         self,
         store: RedisStore,
         encoder_id: str,
-        encode: Callable[[str, list[PageJob]], list[tuple[bytes | None, str]]],
+        encode: Callable[[str, list[PageJob], Any], list[tuple[bytes | None, str]]],
         *,
         modes: Iterable[str],
+        prepare: Callable[[str, list[PageJob]], Any] | None = None,
         batch: int = 8,
         claim_after_s: float = 60.0,
         block_s: float = 1.0,
@@ -541,8 +561,8 @@ class EncodeWorker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.modes = tuple(modes)
         self._encode = encode
+        self._prepare = prepare
         self._notify = store.client.register_script(_NOTIFY)
-        self._claim_cursor = "0-0"
         self.stats = QueueStats()
         with _redis_errors("creating the encode stream's group", store):
             _ensure_group(store.client, self.stream)
@@ -550,119 +570,172 @@ class EncodeWorker:
     def run(self, stop: threading.Event | None = None, max_pages: int | None = None,
             idle_exit_s: float | None = None) -> QueueStats:
         """Work until `stop` is set, `max_pages` pages are encoded, or (with `idle_exit_s`)
-        the stream stayed empty that long."""
+        the stream stayed empty that long. What was read is finished before returning."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def wait() -> None:
+            (stop.wait if stop is not None else time.sleep)(1.0)
+
         idle_since = time.monotonic()
-        while not (stop is not None and stop.is_set()):
-            if max_pages is not None and self.stats.pages >= max_pages:
-                break
-            try:
-                done = self.step()
-            except StoreUnavailableError as exc:  # Redis away: wait for it, keep nothing
-                log.warning("%s; trying again in 1 s", exc)
-                (stop.wait if stop is not None else time.sleep)(1.0)
-                continue
-            if done:
-                idle_since = time.monotonic()
-            elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
-                break
+        ahead = None
+        if self._prepare is not None:
+            ahead = ThreadPoolExecutor(1, thread_name_prefix="encode-fetch")
+        following = ahead.submit(self._next) if ahead else None
+        try:
+            while True:
+                try:
+                    work = following.result() if following else self._next()
+                except StoreUnavailableError as exc:  # Redis away: wait for it, keep nothing
+                    log.warning("%s; trying again in 1 s", exc)
+                    work = None
+                    wait()
+                stopping = (
+                    (stop is not None and stop.is_set())
+                    or (max_pages is not None and self.stats.pages >= max_pages)
+                    or (idle_exit_s is not None and not work
+                        and time.monotonic() - idle_since >= idle_exit_s)
+                )
+                following = ahead.submit(self._next) if ahead and not stopping else None
+                if work:
+                    try:
+                        self._finish(work)
+                    except StoreUnavailableError as exc:  # left pending: claimed again later
+                        log.warning("%s; its pages stay pending", exc)
+                        wait()
+                    idle_since = time.monotonic()
+                if stopping:
+                    break
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=True)
         return self.stats
 
     def step(self) -> int:
         """Take up to `batch` entries (claimed from dead workers first, else new ones,
         waiting up to `block_s`) and do them; the number of entries done."""
+        work = self._next()
+        if work:
+            self._finish(work)
+        return len(work.entries) if work else 0
+
+    def _next(self) -> _Work | None:
+        """The next entries, planned (and prepared, with `prepare`); None when none came."""
+        entries = self._read()
+        return self._plan(entries) if entries else None
+
+    def _read(self) -> list[tuple[Any, Any]]:
         import redis
 
         client = self.store.client
         try:
-            return self._step(client)
+            with _redis_errors("reading the encode stream", self.store):
+                _, entries, *_ = client.xautoclaim(
+                    self.stream, GROUP, self.name, self.claim_after_ms, start_id="0-0",
+                    count=self.batch,
+                )
+                if entries:
+                    log.info("claimed %d page(s) left pending by another worker", len(entries))
+                    return entries
+                read = client.xreadgroup(
+                    GROUP, self.name, {self.stream: ">"}, count=self.batch, block=self.block_ms
+                )
+                return read[0][1] if read else []
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("the encode stream or its group vanished (flushed?): created again")
             with _redis_errors("creating the encode stream's group", self.store):
                 _ensure_group(client, self.stream)
-            return 0
+            return []
 
-    def _step(self, client: Any) -> int:
-        with _redis_errors("reading the encode stream", self.store):
-            _, entries, *_ = client.xautoclaim(
-                self.stream, GROUP, self.name, self.claim_after_ms,
-                start_id=self._claim_cursor, count=self.batch,
-            )
-            self._claim_cursor = "0-0"  # from the start next time: cheap, and nothing is missed
-            if entries:
-                log.info("claimed %d page(s) left pending by another worker", len(entries))
-            else:
-                read = client.xreadgroup(
-                    GROUP, self.name, {self.stream: ">"}, count=self.batch, block=self.block_ms
-                )
-                entries = read[0][1] if read else []
-        if entries:
-            self._do(entries)
-        return len(entries)
-
-    def _do(self, entries: list[tuple[Any, Any]]) -> None:
-        jobs: dict[Any, PageJob] = {}
+    def _plan(self, entries: list[tuple[Any, Any]]) -> _Work:
+        work = _Work(entries)
         for entry_id, fields in entries:
             try:
-                jobs[entry_id] = parse_entry(fields, self.modes)
+                work.jobs[entry_id] = parse_entry(fields, self.modes)
             except ValueError as exc:
                 log.warning("dropping stream entry %s: %s", _text(entry_id), exc)
         # pages already in the cache (queued twice, or done by a worker that died before
         # acknowledging) are not encoded again
-        done: dict[Any, str] = {}
+        for entry_id in self._cached(work, list(work.jobs)):
+            work.done[entry_id] = ""
+            work.cached += 1
+        first: dict[tuple[str, str], Any] = {}  # one forward pass input per page
+        todo: dict[str, list[Any]] = {}
+        for entry_id, job in work.jobs.items():
+            if entry_id in work.done:
+                continue
+            seen = first.setdefault((job.session_id, job.key), entry_id)
+            if seen is not entry_id:
+                work.repeats[entry_id] = seen
+            else:
+                todo.setdefault(job.mode, []).append(entry_id)
+        for mode, ids in todo.items():
+            for start in range(0, len(ids), self.batch):
+                chunk = ids[start : start + self.batch]
+                prepared = None
+                if self._prepare is not None:
+                    try:
+                        prepared = self._prepare(mode, [work.jobs[i] for i in chunk])
+                    except Exception:  # the forward pass prepares again, and reports
+                        log.exception("preparing %d %s page(s) failed", len(chunk), mode)
+                work.passes.append((mode, chunk, prepared))
+        return work
+
+    def _cached(self, work: _Work, ids: list[Any]) -> set[Any]:
+        """The entries among `ids` whose page is in the cache already."""
         by_session: dict[str, list[Any]] = {}
-        for entry_id, job in jobs.items():
-            by_session.setdefault(job.session_id, []).append(entry_id)
-        for sid, ids in by_session.items():
-            have = self.store.cache_contains(sid, [jobs[i].key for i in ids])
-            for i in ids:
-                if jobs[i].key in have:
-                    done[i] = ""
+        for entry_id in ids:
+            by_session.setdefault(work.jobs[entry_id].session_id, []).append(entry_id)
+        found = set()
+        for sid, group in by_session.items():
+            have = self.store.cache_contains(sid, [work.jobs[i].key for i in group])
+            found.update(i for i in group if work.jobs[i].key in have)
+        return found
+
+    def _finish(self, work: _Work) -> None:
+        """Run the planned forward passes, store the results, wake the waiters, acknowledge."""
+        self.stats.deduplicated += work.cached
+        for mode, planned, prepared in work.passes:
+            if self._prepare is not None:  # planned ahead: a page may have been stored since
+                stored = self._cached(work, planned)
+                for entry_id in stored:
+                    work.done[entry_id] = ""
                     self.stats.deduplicated += 1
-        todo = [i for i in jobs if i not in done]
-        seen: dict[tuple[str, str], Any] = {}  # one forward pass input per page
-        for mode in dict.fromkeys(jobs[i].mode for i in todo):
-            group = [i for i in todo if jobs[i].mode == mode]
-            unique = []
-            for i in group:
-                first = seen.setdefault((jobs[i].session_id, jobs[i].key), i)
-                if first is i:
-                    unique.append(i)
-            for start in range(0, len(unique), self.batch):
-                chunk = unique[start : start + self.batch]
-                try:
-                    results = self._encode(mode, [jobs[i] for i in chunk])
-                except Exception as exc:
-                    log.exception("encoding %d %s page(s) failed", len(chunk), mode)
-                    results = [(None, f"the worker failed: {exc!r}"[:300])] * len(chunk)
-                self.stats.batches += 1
-                self.stats.largest_batch = max(self.stats.largest_batch, len(chunk))
-                sessions = len({jobs[i].session_id for i in chunk})
-                self.stats.most_sessions_in_batch = max(self.stats.most_sessions_in_batch, sessions)
-                for i, (value, error) in zip(chunk, results):
-                    job = jobs[i]
-                    if value is not None:
-                        self.store.cache_put(job.session_id, job.key, value)
-                        self.stats.pages += 1
-                        log.info("stored %s key %s", job.describe(), job.key)
-                        done[i] = ""
-                    else:
-                        self.stats.failed += 1
-                        done[i] = error or "unknown error"
-        for i in todo:  # duplicates within the batch share their first's outcome
-            first = seen.get((jobs[i].session_id, jobs[i].key))
-            if i not in done and first in done:
-                done[i] = done[first]
+                if stored:
+                    planned, prepared = [i for i in planned if i not in stored], None
+                if not planned:
+                    continue
+            jobs = [work.jobs[i] for i in planned]
+            try:
+                results = self._encode(mode, jobs, prepared)
+            except Exception as exc:
+                log.exception("encoding %d %s page(s) failed", len(jobs), mode)
+                results = [(None, f"the worker failed: {exc!r}"[:300])] * len(jobs)
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+            sessions = len({job.session_id for job in jobs})
+            self.stats.most_sessions_in_batch = max(self.stats.most_sessions_in_batch, sessions)
+            for entry_id, job, (value, error) in zip(planned, jobs, results):
+                if value is not None:
+                    self.store.cache_put(job.session_id, job.key, value)
+                    self.stats.pages += 1
+                    log.info("stored %s key %s", job.describe(), job.key)
+                    work.done[entry_id] = ""
+                else:
+                    self.stats.failed += 1
+                    work.done[entry_id] = error or "unknown error"
+        for entry_id, seen in work.repeats.items():  # a page twice in one read: one outcome
+            work.done[entry_id] = work.done.get(seen, "not done")
         with _redis_errors("finishing encoded pages", self.store):
-            for entry_id, job in jobs.items():
-                error = done.get(entry_id, "not done")
+            for entry_id, job in work.jobs.items():
+                error = work.done.get(entry_id, "not done")
                 message = job.key if not error else f"!{job.key} {error}"
                 self._notify(
                     keys=[self.store.key(job.session_id, "eq:" + job.key)],
                     args=[self.store.key(job.session_id, "er:"), message, 120_000],
                 )
-            ids = [entry_id for entry_id, _ in entries]
+            ids = [entry_id for entry_id, _ in work.entries]
             pipe = self.store.client.pipeline(transaction=False)
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)

@@ -346,10 +346,10 @@ def test_hostile_stream_entries_are_dropped_and_sound_ones_done(queued, model):
     for fields in hostile[:-1]:
         with pytest.raises(ValueError):
             parse_entry({k.encode(): v for k, v in fields.items()}, MODES)
-    from optical_memory.apps.worker import encode_function
+    from optical_memory.apps.worker import PageEncoder
 
     worker = EncodeWorker(
-        store, model.encoder.cache_id, encode_function(store, model.encoder), modes=MODES,
+        store, model.encoder.cache_id, PageEncoder(store, model.encoder), modes=MODES,
         batch=4, block_s=0.05, name="w",
     )
     stats = worker.run(idle_exit_s=0.2)
@@ -361,8 +361,10 @@ def test_hostile_stream_entries_are_dropped_and_sound_ones_done(queued, model):
     assert mem.context("s", QUERY).encoded == 0  # the workers' results, read from the cache
 
 
-def test_workers_serve_sessions_of_a_redis_cluster(redis_cluster, cluster_prefix, model, conversation):
-    from optical_memory.apps.worker import encode_function
+def test_workers_serve_sessions_of_a_redis_cluster(
+    redis_cluster, cluster_prefix, model, conversation
+):
+    from optical_memory.apps.worker import PageEncoder
 
     store = RedisStore(redis_cluster.url, prefix=cluster_prefix)
     mem = _memory(store, model, encoding="workers", encode_timeout_s=120)
@@ -370,9 +372,10 @@ def test_workers_serve_sessions_of_a_redis_cluster(redis_cluster, cluster_prefix
     for n, sid in enumerate(sessions):
         mem.extend(sid, conversation(30, seed=n))
     expected = {sid: _alone(mem, sid) for sid in sessions}
-    worker = EncodeWorker(
-        store, model.encoder.cache_id, encode_function(store, model.encoder), modes=MODES,
-        batch=8, block_s=0.05, name="w",
+    pages = PageEncoder(store, model.encoder, threads=2)
+    worker = EncodeWorker(  # pipelined: the next read prepared while a batch is encoded
+        store, model.encoder.cache_id, pages, prepare=pages.prepare, modes=MODES, batch=2,
+        block_s=0.05, name="w",
     )
     stop = threading.Event()
     working = threading.Thread(target=worker.run, args=(stop,))
@@ -418,7 +421,7 @@ def test_encoding_defaults_to_the_environment(model, monkeypatch):
     assert DeepSeekOCRBackend(model).encoding == "workers"
     assert DeepSeekOCRBackend(model, encoding="inline").encoding == "inline"
     monkeypatch.setenv("OPTICAL_MEMORY_ENCODING", "gpu")
-    with pytest.raises(ValueError, match=r"local, workers, inline, got 'gpu'.*OPTICAL_MEMORY_ENCODING"):
+    with pytest.raises(ValueError, match=r"workers, inline, got 'gpu'.*OPTICAL_MEMORY_ENCODING"):
         DeepSeekOCRBackend(model)
 
 

@@ -64,27 +64,44 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_worker)
 
 
-def encode_function(store: Any, encoder: Any, threads: int = 1) -> Any:
-    """`encode(mode, jobs)` for `EncodeWorker`: the pages' images from the cache, decoded and
-    preprocessed by `threads` threads (Pillow and the tensor copies release the GIL), one
-    forward pass, each page's packed cache value or why there is none."""
-    from concurrent.futures import ThreadPoolExecutor
+class PageEncoder:
+    """What a worker does with a batch of pages of one tier: `prepare(mode, jobs)` reads the
+    pages' images from the cache and preprocesses them (`threads` threads: Pillow and the
+    tensor copies release the GIL); calling it runs one forward pass over what was prepared
+    (prepared now when not given) and returns each page's packed cache value or why there
+    is none."""
 
-    from optical_memory.backends.deepseek_ocr.preprocess import make_views
-    from optical_memory.cache import VisionCache, tensor_to_bytes
-    from optical_memory.modes import get_mode
+    def __init__(self, store: Any, encoder: Any, threads: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
 
-    cache = VisionCache(store)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
+        from optical_memory.cache import VisionCache
 
-    def prepare(job: Any, mode: str) -> Any:
-        image = cache.get_image(job.session_id, job.image_key, size=job.size)
+        self.encoder = encoder
+        self.cache = VisionCache(store)
+        self.pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
+        )
+
+    def _views(self, job: Any, mode: str) -> Any:
+        from optical_memory.backends.deepseek_ocr.preprocess import make_views
+
+        image = self.cache.get_image(job.session_id, job.image_key, size=job.size)
         return None if image is None else make_views(image, mode)
 
-    def encode(mode: str, jobs: list[Any]) -> list[tuple[bytes | None, str]]:
-        out: list[tuple[bytes | None, str]] = [(None, "")] * len(jobs)
+    def prepare(self, mode: str, jobs: list[Any]) -> list[Any]:
         modes = [mode] * len(jobs)
-        prepared = list(pool.map(prepare, jobs, modes) if pool else map(prepare, jobs, modes))
+        mapped = self.pool.map if self.pool else map
+        return list(mapped(self._views, jobs, modes))
+
+    def __call__(
+        self, mode: str, jobs: list[Any], prepared: list[Any] | None = None
+    ) -> list[tuple[bytes | None, str]]:
+        from optical_memory.cache import tensor_to_bytes
+        from optical_memory.modes import get_mode
+
+        if prepared is None:
+            prepared = self.prepare(mode, jobs)
+        out: list[tuple[bytes | None, str]] = [(None, "")] * len(jobs)
         views, where = [], []
         for i, page_views in enumerate(prepared):
             if page_views is None:
@@ -92,16 +109,14 @@ def encode_function(store: Any, encoder: Any, threads: int = 1) -> Any:
                 continue
             views.append(page_views)
             where.append(i)
-        for i, tokens in zip(where, encoder.encode_views(views)):
+        for i, tokens in zip(where, self.encoder.encode_views(views)):
             job = jobs[i]
-            expected = (get_mode(mode).vision_tokens(*job.size), encoder.hidden_size)
+            expected = (get_mode(mode).vision_tokens(*job.size), self.encoder.hidden_size)
             if tuple(tokens.shape) != expected:
                 out[i] = (None, f"encoded to {list(tokens.shape)}, expected {list(expected)}")
             else:
                 out[i] = (tensor_to_bytes(job.key, tokens), "")
         return out
-
-    return encode
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -139,10 +154,12 @@ def run_worker(args: argparse.Namespace) -> int:
 
     encoder = load_encoder(model, device=args.device, dtype=args.dtype)
     try:
+        pages = PageEncoder(store, encoder, threads=max(1, args.threads))
         worker = EncodeWorker(
             store,
             encoder.cache_id,
-            encode_function(store, encoder, threads=max(1, args.threads)),
+            pages,
+            prepare=pages.prepare,  # the next batch is read and preprocessed during this one's
             modes=MODES,
             batch=args.batch,
             claim_after_s=args.claim_after,
