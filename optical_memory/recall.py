@@ -66,6 +66,11 @@ def page_scores(pages: Sequence[PageFacts], hits: Sequence[Hit]) -> list[float]:
     return scores
 
 
+def _text_run(picked: Sequence[int]) -> int:
+    """The first page shown as text (option 0), or the number of pages."""
+    return next((i for i, o in enumerate(picked) if o == 0), len(picked))
+
+
 def choose(
     policy: Policy,
     pages: Sequence[PageFacts],
@@ -113,20 +118,18 @@ def choose(
 
     # First every page in forgetting's order; pages with hits older than the text run that
     # gives are then raised: out of the order, restored verbatim rather than shown as text.
-    raised: set[int] = set()
-    while True:  # a raised page inside the text run joins it: its turns are text there
-        chained = np.array([i not in raised for i in range(n)], dtype=bool)
+    # A raised page that falls inside the text run joins it (its turns are text there).
+    every = np.ones(n, dtype=bool)
+    picked = solve_readable(values, costs, budget, every, policy.monotone) if n else []
+    raised = {i for i, s in enumerate(scores) if s > 0 and i < _text_run(picked)}
+    while raised:  # shrinks every round
         offered = values.copy()
-        offered[list(raised), 0] = -np.inf
-        picked = solve_readable(offered, costs, budget, chained, policy.monotone) if n else []
-        run = next((i for i, o in enumerate(picked) if o == 0), n)
-        if not raised:
-            raised = {i for i, s in enumerate(scores) if s > 0 and i < run}
-            if raised:
-                continue
-            break
-        inside = {i for i in raised if i > run}
+        offered[sorted(raised), 0] = -np.inf
+        chained = np.array([i not in raised for i in range(n)], dtype=bool)
+        trial = solve_readable(offered, costs, budget, chained, policy.monotone)
+        inside = {i for i in raised if i > _text_run(trial)}
         if not inside:
+            picked = trial
             break
         raised -= inside
     modes = [OPTIONS[o] for o in picked]
