@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import RESULTS_DIR, command, cpu_name, write_json
 
+from optical_memory.backends import get_profile
 from optical_memory.cache import encode_png
 from optical_memory.conversation import build_conversation
 from optical_memory.memory import OpticalMemory
@@ -59,8 +60,11 @@ def uncached_pngs(mem: OpticalMemory, session: str) -> int:
     return total
 
 
-def run_profile(profile: str, turns: int, repeats: int, directory: Path) -> dict:
-    mem = OpticalMemory(directory / f"{profile}.sqlite3", profile=profile)
+def run_profile(profile: str, turns: int, repeats: int, directory: Path, window: int) -> dict:
+    # one window for every profile: at their own (32k, 128k) this history is sent as text
+    mem = OpticalMemory(
+        directory / f"{profile}.sqlite3", profile=get_profile(profile, window=window)
+    )
     mem.extend("bench", build_conversation(turns))
     first = timed(lambda: mem.messages("bench", QUERY))
     messages = mem.messages("bench", QUERY)
@@ -97,11 +101,14 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--profiles", nargs="+", default=["deepseek-ocr", "qwen2.5-vl", "gpt-4o"])
+    parser.add_argument("--window", type=int, default=8192, help="the same window for every profile")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_profile(p, args.turns, args.repeats, Path(tmp)) for p in args.profiles]
+        results = [
+            run_profile(p, args.turns, args.repeats, Path(tmp), args.window) for p in args.profiles
+        ]
     for r in results:
         print(
             f"{r['profile']:<14} {r['pages_in_context']} pages, messages() median "
@@ -115,6 +122,7 @@ def main() -> int:
             "command": command("benchmarks/messages_bench.py", argv=sys.argv[1:]),
             "machine": {"cpu": cpu_name(), "cpus_used": 1, "python": platform.python_version()},
             "turns": args.turns,
+            "window": args.window,
             "query": QUERY,
             "results": results,
         },
