@@ -43,6 +43,11 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
         "requests' backend must use the same",
     )
     p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="replay a CUDA graph per batch size and tier (each keeps a memory pool of its "
+        "own; off by default: a worker's batches are full, where graphs gain nothing)",
+    )
+    p.add_argument(
         "--claim-after", type=float, default=60.0, metavar="SECONDS",
         help="take over pages another worker took and left undone this long (it died; "
         "default 60, longer than any batch takes)",
@@ -152,7 +157,12 @@ def run_worker(args: argparse.Namespace) -> int:
     store = RedisStore(url, prefix=args.prefix)
     from optical_memory.backends.deepseek_ocr.model import load_encoder
 
-    encoder = load_encoder(model, device=args.device, dtype=args.dtype)
+    try:
+        encoder = load_encoder(
+            model, device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs
+        )
+    except (ValueError, OSError, RuntimeError) as exc:  # a bad checkpoint, device or dtype
+        raise SystemExit(f"optical-memory worker: {model}: {exc}") from None
     try:
         pages = PageEncoder(store, encoder, threads=max(1, args.threads))
         worker = EncodeWorker(
