@@ -118,7 +118,7 @@ def sync(device: torch.device) -> None:
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
-    """Device-to-device copy, bytes read + written per second."""
+    """Device-to-device copy: bytes moved (read + written) per second, the memory bandwidth."""
     if device.type != "cuda":
         return None
     a = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
@@ -304,7 +304,7 @@ def physical_limit(cfg: DecoderConfig, lengths: list[int], steps: int, peak: flo
         + h * cfg.vocab_size
     )
     decode_s = sum(
-        (sum(n + i for n in lengths) * kv_per_token + weights) / (bw / 2) for i in range(steps)
+        (sum(n + i for n in lengths) * kv_per_token + weights) / bw for i in range(steps)
     )
     return {
         "prefill_s_at_peak": prefill_s,
