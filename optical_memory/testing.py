@@ -149,6 +149,11 @@ def split_reply(text: str, pieces: int = 3) -> list[str]:
     return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
 
 
+class _Server(ThreadingHTTPServer):
+    # the default backlog of 5 resets connections when many clients arrive at once
+    request_queue_size = 128
+
+
 class OpenAITestServer:
     """A fake OpenAI-compatible endpoint on 127.0.0.1 (see the module docstring).
 
@@ -196,7 +201,7 @@ class OpenAITestServer:
     def start(self) -> OpenAITestServer:
         handler = type("Handler", (_Handler,), {"owner": self})
         self._stopping.clear()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = False  # server_close joins the request threads
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -11,6 +11,7 @@ fallback faces are set without kerning.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -61,6 +62,9 @@ class Glyphs:
     def __init__(self, fonts: FontSet, font_size: int, tab_size: int) -> None:
         self.font_size = font_size
         self.tab_size = tab_size
+        # A FreeType face is not thread-safe: loading a glyph overwrites the face's glyph
+        # slot, so cache misses (the only FreeType calls after set-up) take this lock.
+        self._freetype = threading.Lock()
         self._faces: list[freetype.Face] = []
         self._fonts = [font for _, font in fonts.slots()]
         for font in self._fonts:
@@ -108,7 +112,8 @@ class Glyphs:
     def ink(self, key: int) -> GlyphInk:
         glyph = self._ink.get(key)
         if glyph is None:
-            glyph = self._ink[key] = self._rasterise(key)
+            with self._freetype:
+                glyph = self._ink[key] = self._rasterise(key)
         return glyph
 
     def _char(self, style: Style, cp: int) -> tuple[int, int, int, bool]:
@@ -122,11 +127,12 @@ class Glyphs:
         else:
             shown = _display_codepoint(cp)
             key, missing = NOTDEF_KEY, True
-            for slot in self._chains[style]:
-                index = self._faces[slot].get_char_index(shown)
-                if index:
-                    key, missing = (slot << SLOT_SHIFT) | index, False
-                    break
+            with self._freetype:
+                for slot in self._chains[style]:
+                    index = self._faces[slot].get_char_index(shown)
+                    if index:
+                        key, missing = (slot << SLOT_SHIFT) | index, False
+                        break
             glyph = self.ink(key)
             result = (key, glyph.advance, glyph.right, missing)
         self._chars[(style, cp)] = result

@@ -1,6 +1,8 @@
 """Renderer tests on real pixels: ink where text is, none in the margins, every character once."""
 
 import hashlib
+import string
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -231,3 +233,25 @@ def test_page_lines_give_the_drawn_text(tiny):
         "second line",
         "ASSISTANT",
     ]
+
+
+def test_one_renderer_serves_many_threads_alike():
+    """Threads share a renderer (a server's memory does): with its glyph caches cold, pages
+    laid out and drawn from 8 threads at once equal those of one thread."""
+    chars = string.ascii_letters + string.digits + "éüßøñçåæœ" + "记忆压缩页面" + "памятьстраница"
+    messages = [
+        {"role": ("user", "assistant")[i % 2],
+         "content": " ".join(chars[(i * 7 + j) % len(chars)] * (1 + j % 5) for j in range(60))}
+        for i in range(24)
+    ]
+    config = RenderConfig.for_mode("base")
+    alone = Renderer(config)
+    expected = [alone.render(page).tobytes() for page in alone.paginate(messages)]
+    shared = Renderer(config)
+
+    def draw(_: int) -> list[bytes]:
+        return [shared.render(page).tobytes() for page in shared.paginate(messages)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(draw, range(16)))
+    assert all(r == expected for r in results)

@@ -458,6 +458,30 @@ def test_50_clients_on_50_sessions_and_10_on_one_session(served):
         assert mine == [f"one {i}.{j}" for j in range(rounds)]
 
 
+def test_the_same_new_history_sent_at_once_is_stored_once(served):
+    c = client(served)
+    first = [{"role": "user", "content": "Plan the offsite."}]
+    answer = c.chat.completions.create(model=MODEL, messages=first, user="dup")
+    history = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "Budget is 4000 EUR."},
+        {"role": "assistant", "content": "Noted: 4000 EUR."},
+    ]
+
+    def ask(i: int) -> None:
+        messages = [*history, {"role": "user", "content": f"question {i}"}]
+        client(served).chat.completions.create(model=MODEL, messages=messages, user="dup")
+
+    with ThreadPoolExecutor(8) as pool:
+        for job in [pool.submit(ask, i) for i in range(8)]:
+            job.result()
+    stored = [m["content"] for m in turns(served, "dup")]
+    assert stored[:4] == [m["content"] for m in history]  # the new history once, in order
+    assert stored.count("Budget is 4000 EUR.") == 1 and len(stored) == 4 + 8 * 2
+    assert sorted(stored[4::2]) == sorted(f"question {i}" for i in range(8))
+
+
 # --------------------------------------------------------------------------- operations
 def test_health_readiness_models_and_metrics(served):
     with http(served, None) as h:

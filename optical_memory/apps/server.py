@@ -84,6 +84,14 @@ UPSTREAM_OPTIONS = ("temperature", "top_p", "seed", "stop", "presence_penalty", 
 
 
 # --------------------------------------------------------------------------- errors
+def history_turn_id(index: int, message: Any) -> str:
+    """The turn id of a message sent in a whole history: its place and a hash of it, so that
+    two requests that send the same new history at once store it once."""
+    blob = json.dumps(message, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"history/{index}/{digest}"
+
+
 class ApiError(Exception):
     """An error answered as OpenAI-style JSON."""
 
@@ -752,8 +760,8 @@ class Server:
                 return query, 0
         if new:
             ids = [f"{key}/{count + j}" for j in range(len(new))] if key is not None else None
-            if ids is not None and any(len(i) > MAX_ID_CHARS for i in ids):
-                ids = None
+            if ids is None or any(len(i) > MAX_ID_CHARS for i in ids):
+                ids = [history_turn_id(count + j, messages[count + j]) for j in range(len(new))]
             self.memory.extend(sid, new, turn_ids=ids)
         return query, len(new)
 
