@@ -21,10 +21,17 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from optical_memory.stores.base import Store
+
+class TurnLog(Protocol):
+    """What the index reads of a store (`optical_memory.stores.Store`)."""
+
+    def generation(self, session_id: str) -> str: ...
+
+    def turn_count(self, session_id: str) -> int: ...
+
+    def turns(self, session_id: str, start: int = 0, stop: int | None = None) -> list[Any]: ...
 
 FTS_SCHEMA = (
     "CREATE VIRTUAL TABLE turns USING fts5("
@@ -90,7 +97,7 @@ class TurnIndex:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, _SessionIndex] = OrderedDict()
 
-    def search(self, store: Store, session_id: str, query: str, limit: int) -> list[Hit]:
+    def search(self, store: TurnLog, session_id: str, query: str, limit: int) -> list[Hit]:
         """Catch the session's index up with `store`, then its best `limit` turns for `query`,
         best first (ties: newer first)."""
         expression = match_expression(query)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 from starlette.requests import Request
@@ -24,7 +24,19 @@ from optical_memory.modes import FADING_ORDER
 from optical_memory.prompt import age_text
 
 if TYPE_CHECKING:
-    from optical_memory.apps.server import Server
+    from optical_memory.memory import OpticalMemory
+
+
+class Server(Protocol):
+    """What the viewer needs of the server (`optical_memory.apps.server.Server`)."""
+
+    memory: OpticalMemory
+
+    def authenticate(self, request: Request, cookie: bool = False) -> Any: ...
+
+    async def call(self, fn: Callable[..., Any], *args: Any, session: str | None = None) -> Any: ...
+
+    async def existing(self, tenant: Any, session: str) -> str: ...
 
 COOKIE = "om_key"
 THUMB_WIDTH = 160
