@@ -480,7 +480,7 @@ class OpticalMemory:
                 PageFacts(r.first_turn, r.last_turn, t, _text_cost(r, t, self.counter.name), age)
                 for r, t, age in zip(records, page_tokens, ages)
             ]
-            hits, candidates = self._recall(session_id, query, records, text_start, pinned, policy)
+            hits, candidates = self._recall(session_id, query, records, count, pinned, policy)
             recent = text_start, text_turns, text_tokens
             spend = max(0, window - fixed)
             for _ in range(4):  # count the recent text exactly; spend less if it is over
@@ -549,7 +549,7 @@ class OpticalMemory:
         session_id: str,
         query: str | None,
         records: Sequence[PageRecord],
-        text_start: tuple[int, int],
+        count: int,
         pinned: Collection[int],
         policy: Policy,
     ) -> tuple[list[Hit], list[Candidate]]:
@@ -558,8 +558,10 @@ class OpticalMemory:
         if not query or not records or policy.recall_hits == 0:
             return [], []
         paged = records[-1].end[0] if records[-1].end[1] == 0 else records[-1].end[0] + 1
+        # enough hits that the best `recall_hits` on pages remain after those that are text
+        limit = policy.recall_hits + len(pinned) + count - paged
         found = [
-            h for h in self.store.search(session_id, query, policy.recall_hits + len(pinned))
+            h for h in self.store.search(session_id, query, limit)
             if h.turn < paged and h.turn not in pinned
         ][: policy.recall_hits]
         if not found:
