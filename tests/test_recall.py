@@ -165,6 +165,10 @@ def test_the_query_raises_its_page_and_restores_the_turn_verbatim(mem):
     assert page.raised and page.score > 0
     assert [r.turn for r in plan.recalled][:1] == [150] or 150 in [r.turn for r in plan.recalled]
     assert plan.turn_precision(150) == 1.0 > without.turn_precision(150)
+    table = plan.table()
+    assert f"raised by the query: page {page.index} " in table
+    assert "recalled verbatim: turn 151 " in table and "readable by the Fox figures" in table
+    assert plan.to_dict()["recalled"][0].keys() == {"turn", "page", "score", "tokens"}
     prompt = mem.prompt("s", query, budget=4000)
     stored = mem.turns("s")[150]
     assert ("user", stored.content) in [(role, text) for _, role, text in prompt.recalled]
