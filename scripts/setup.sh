@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# One-time set-up for a fresh machine: system fonts, the pinned CPU build of PyTorch, the package.
+# One-time set-up for a fresh machine: system fonts (and, for the test and bench extras, Chromium and Tesseract), the pinned CPU build of PyTorch, the package.
 # Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "deepseek-ocr,redis"; the test command
 # passes "deepseek-ocr,test,redis"). The pinned CPU wheel of PyTorch is installed first, so the
 # deepseek-ocr extra's torch range installs nothing more.
 # The installs are skipped when nothing they install has changed: build/setup-EXTRAS.stamp holds a
 # hash of pyproject.toml, this script, the extras and the interpreter, written after a set-up that
 # succeeded; the stamp counts only while this checkout is still installed in editable mode.
-# SETUP_FORCE=1 (or removing the stamp) installs again. The fonts are always checked (cheap).
+# SETUP_FORCE=1 (or removing the stamp) installs again. The Debian packages are always checked (cheap).
 set -euo pipefail
 extras=${1:-deepseek-ocr,redis}
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 stamp="build/setup-${extras//,/-}.stamp"
 
-fonts=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)
+debian=(fonts-dejavu-core fonts-noto-cjk fonts-noto-core)
 # the test extras also drive the memory viewer in headless Chromium (Debian's, never a download)
-case ",${extras}," in *,test,*) fonts+=(chromium chromium-driver) ;; esac
+case ",${extras}," in *,test,*) debian+=(chromium chromium-driver) ;; esac
 # bench: Tesseract reads pages back in benchmarks/ocr_check.py (the library does not need it)
-case ",${extras}," in *,bench,*) fonts+=(tesseract-ocr) ;; esac
+case ",${extras}," in *,bench,*) debian+=(tesseract-ocr) ;; esac
 missing=()
-for pkg in "${fonts[@]}"; do
+for pkg in "${debian[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
