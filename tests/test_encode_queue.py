@@ -18,8 +18,6 @@ import redis
 import torch
 
 from optical_memory.backends.deepseek_ocr.backend import DeepSeekOCRBackend
-from optical_memory.backends.deepseek_ocr.preprocess import make_views
-from optical_memory.cache import IMAGE_MODE, cache_key
 from optical_memory.encode_queue import (
     GROUP,
     EncodeTimeoutError,
@@ -168,37 +166,6 @@ def test_a_failed_forward_pass_fails_its_pages_only():
     with pytest.raises(RuntimeError, match="page 3 of session 's'.*out of memory"):
         bad.result(timeout=30)
     assert good.result(timeout=30) == 2
-
-
-def test_view_worker_processes_make_the_same_views_and_survive_a_bad_entry(
-    tmp_path, model, conversation
-):
-    mem = _memory(tmp_path / "m.sqlite3", model, view_processes=2)
-    mem.extend("s", conversation(30))
-    expected = _alone(mem, "s")  # caches every page image on the way
-    records = {r.index: r for r in mem.pages("s")}
-    pages = mem.plan("s", QUERY).in_context()
-    bad = records[pages[0].index]  # a hostile image entry: made in this thread, and dropped
-    bad_key = cache_key(bad.content_hash, bad.fingerprint, IMAGE_MODE, "")
-    mem.store.cache_put("s", bad_key, b"OMC1 not a page")
-    workers = mem.backend.view_workers
-    assert workers is not None and workers.processes == 2
-    try:
-        got = mem.context("s", QUERY).segments
-        embeddings = [seg for seg in got if isinstance(seg, torch.Tensor)]
-        assert len(embeddings) == len(expected)
-        for a, b in zip(embeddings, expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        assert mem.store.cache_get("s", bad_key) != b"OMC1 not a page"  # dropped, cached again
-        views = workers.views(mem, "s", [(records[p.index], p.mode) for p in pages])
-        for v, p in zip(views, pages):  # the same bytes as made in this thread
-            alone = make_views(mem.page_image("s", records[p.index]), p.mode)
-            assert torch.equal(v.global_view, alone.global_view)
-            assert torch.equal(v.tiles, alone.tiles) and v.tile_grid == alone.tile_grid
-    finally:
-        workers.close()
-    with pytest.raises(ValueError, match="view_processes must not be negative"):
-        DeepSeekOCRBackend(model, view_processes=-1)
 
 
 def test_local_timeout_names_the_pages_and_the_timeout(tmp_path, model, conversation):

@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     import torch
 
     from optical_memory.backends.deepseek_ocr.model import OpticalModel
-    from optical_memory.backends.deepseek_ocr.preprocess import Views
-    from optical_memory.backends.deepseek_ocr.view_workers import ViewWorkers
     from optical_memory.pages import PageRecord
 
 ENCODINGS = ("local", "workers", "inline")
@@ -79,9 +77,6 @@ class DeepSeekOCRBackend(Backend):
     - "inline": in the calling thread, batches of one call's pages only.
     A call waits at most `encode_timeout_s` for its pages (`EncodeTimeoutError`, naming them).
     `encode_queue_depth` tells how many pages are waiting or being encoded.
-    `view_processes`: with "local", the worker processes that decode cached page images and
-    make their encoder views (`ViewWorkers`); 0: in the calling threads; default: up to 8 on
-    CUDA (where the GPU would otherwise wait on one interpreter's PIL), 0 on the CPU.
     """
 
     name = "deepseek-ocr"
@@ -97,7 +92,6 @@ class DeepSeekOCRBackend(Backend):
         encoding: str | None = None,
         encode_batch: int = 8,
         encode_timeout_s: float = 300.0,
-        view_processes: int | None = None,
     ) -> None:
         if encoding is None:
             encoding = os.environ.get(ENCODING_ENV) or "local"
@@ -110,10 +104,6 @@ class DeepSeekOCRBackend(Backend):
             raise ValueError(f"encode_batch must be at least 1, got {encode_batch}")
         if encode_timeout_s <= 0:
             raise ValueError(f"encode_timeout_s must be positive, got {encode_timeout_s}")
-        if view_processes is not None and view_processes < 0:
-            raise ValueError(f"view_processes must not be negative, got {view_processes}")
-        self._view_processes = view_processes
-        self._view_workers: ViewWorkers | None = None
         self.encoding = encoding
         self.encode_batch = encode_batch
         self.encode_timeout_s = encode_timeout_s
@@ -294,6 +284,8 @@ class DeepSeekOCRBackend(Backend):
         caller's thread, beside other callers'), forward passes in the queue's thread."""
         import time
 
+        from optical_memory.backends.deepseek_ocr.preprocess import make_views
+
         queue = self.encode_queue
 
         def store(job: PageJob, embedding: torch.Tensor) -> None:  # in the encoding thread
@@ -305,7 +297,8 @@ class DeepSeekOCRBackend(Backend):
         step = max(1, batch_size)
         for start in range(0, len(queued), step):
             chunk = jobs[start : start + step]
-            views = self._views(memory, session_id, [(records[j.index], j.mode) for j in chunk])
+            views = [make_views(memory.page_image(session_id, records[j.index]), j.mode)
+                     for j in chunk]
             futures = [f for f, _ in queue.submit_many(list(zip(chunk, views)), store)]
             del views  # the queue's now
             for n, future in enumerate(futures):
@@ -321,32 +314,6 @@ class DeepSeekOCRBackend(Backend):
                         late,
                     ) from None
                 yield queued[start + n][0], embedding
-
-    def _views(
-        self, memory: PageSource, session_id: str, pages: list[tuple[PageRecord, str]]
-    ) -> list[Views]:
-        """The encoder views of `pages` ((record, mode) pairs): in worker processes or here."""
-        from optical_memory.backends.deepseek_ocr.preprocess import make_views
-
-        workers = self.view_workers
-        if workers is None:
-            return [make_views(memory.page_image(session_id, r), mode) for r, mode in pages]
-        return workers.views(memory, session_id, pages)
-
-    @property
-    def view_workers(self) -> ViewWorkers | None:
-        """The processes that make page views for the local queue (None: the calling threads)."""
-        with self._queue_lock:
-            if self._view_workers is None:
-                processes = self._view_processes
-                if processes is None:
-                    on_gpu = self.model.encoder.device.type == "cuda"
-                    processes = min(8, os.cpu_count() or 1) if on_gpu else 0
-                if processes:
-                    from optical_memory.backends.deepseek_ocr.view_workers import ViewWorkers
-
-                    self._view_workers = ViewWorkers(processes)
-            return self._view_workers
 
     def _encode_workers(
         self,
