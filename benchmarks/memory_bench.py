@@ -149,6 +149,32 @@ def bench_plan(sizes: list[int], workdir: Path, repeats: int) -> dict:
     return out
 
 
+def bench_turn_loop(workdir: Path, turns: int = 300, steps: int = 60) -> dict:
+    """A chat or agent loop: append one turn, then plan (the open page is laid out again each
+    time); against planning again with no new turn (the open page memoised), same run."""
+    messages = build_conversation(turns + steps, seed=7)
+    mem = OpticalMemory(workdir / "loop.sqlite3")
+    mem.extend("s", messages[:turns])
+    mem.plan("s", query="When do we launch?")
+    grown, still = [], []
+    for m in messages[turns:]:
+        t = time.perf_counter()
+        mem.append("s", m["role"], m["content"])
+        mem.plan("s", query="When do we launch?")
+        grown.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        mem.plan("s", query="When do we launch?")
+        still.append(time.perf_counter() - t)
+    mem.close()
+    return {
+        "turns": turns,
+        "steps": steps,
+        "append_and_plan_median_ms": round(1000 * statistics.median(grown), 3),
+        "plan_again_median_ms": round(1000 * statistics.median(still), 3),
+        "ratio": round(statistics.median(grown) / statistics.median(still), 3),
+    }
+
+
 def bench_cache(workdir: Path) -> dict:
     import torch
 
@@ -213,6 +239,8 @@ def main() -> None:
         result["plan"] = bench_plan(
             [int(s) for s in args.sizes.split(",")], work, args.plan_repeats
         )
+        print("append + plan loop (one CPU) ...", flush=True)
+        result["turn_loop"] = bench_turn_loop(work)
         print("cache entry sizes ...", flush=True)
         result["cache_bytes_per_page"] = bench_cache(work)
     write_json(RESULTS, result, indent=1)

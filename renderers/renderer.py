@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,10 @@ class Picture:
 Block = Line | Picture
 
 
+LINE_CACHE_PARAGRAPHS = 4096  # paragraphs whose lines a renderer keeps
+LINE_CACHE_CHARS = 2000  # longer paragraphs are broken each time (their lines are large)
+
+
 class TurnTooLongError(ValueError):
     """A turn longer than RenderConfig.max_turn_chars."""
 
@@ -57,6 +62,10 @@ class Renderer:
         self.fingerprint = self.config.fingerprint()
         self.glyphs = Glyphs(self.fonts, self.config.font_size, self.config.tab_size)
         self._rule_thickness = max(1, round(self.config.font_size / 12))
+        # A paragraph breaks into the same lines wherever it sits (only the turn offsets of
+        # its lines move): memory lays the open page out again as turns arrive, so the lines
+        # of recent paragraphs are kept (lru_cache is safe to share between threads).
+        self._lines = lru_cache(maxsize=LINE_CACHE_PARAGRAPHS)(self._paragraph_lines)
 
     def paginate(
         self,
@@ -140,7 +149,7 @@ class Renderer:
     def header(self, role: str, continued: bool, detail: str = "") -> tuple[Line, int]:
         """The role label line of a turn and the x (pixels from the margin) where its rule starts."""
         label = turn_label(role, continued, detail)
-        line = next(break_paragraph(self.glyphs, Style.LABEL, label, 0, 1 << 24))
+        line = self._lines(Style.LABEL, label, 1 << 24, False)[0]
         width = 0
         if len(line.keys):
             width = (int(line.x[-1]) + self.glyphs.ink(int(line.keys[-1])).advance + 63) // 64
@@ -170,10 +179,23 @@ class Renderer:
                 _is_fence(paragraph) if position == 0 or content[position - 1] == "\n" else False
             )
             style = Style.MONO if in_code or fence else Style.TEXT
-            for line in break_paragraph(self.glyphs, style, paragraph, position, width, not last):
-                yield line, style is Style.MONO
+            lines = (
+                self._lines(style, paragraph, width, not last)
+                if len(paragraph) <= LINE_CACHE_CHARS
+                else self._paragraph_lines(style, paragraph, width, not last)
+            )
+            for line in lines:
+                yield replace(line, start=line.start + position, end=line.end + position), (
+                    style is Style.MONO
+                )
             in_code ^= fence
             position += len(paragraph) + 1
+
+    def _paragraph_lines(
+        self, style: Style, paragraph: str, width: int, newline: bool
+    ) -> tuple[Line, ...]:
+        """The lines of a paragraph at turn offset 0."""
+        return tuple(break_paragraph(self.glyphs, style, paragraph, 0, width, newline))
 
     def picture(self, image: ImageData, start: int, newline: bool) -> Picture:
         """The block an image takes at turn offset `start` (see `Picture` for its scale)."""
