@@ -255,3 +255,25 @@ def test_one_renderer_serves_many_threads_alike():
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(draw, range(16)))
     assert all(r == expected for r in results)
+
+
+def test_lines_kept_between_layouts_change_no_page():
+    """A renderer keeps the lines of the paragraphs it broke: laying the same turns out again,
+    from a turn's middle too, gives the pages a fresh renderer gives."""
+    messages = [
+        {"role": ("user", "assistant")[i % 2],
+         "content": f"Paragraph {i} about the launch plan.\n" + "word " * (20 + 7 * i)}
+        for i in range(12)
+    ]
+    config = RenderConfig.for_mode("base")
+    warm = Renderer(config)
+    warm.paginate(messages)
+    for start in ((0, 0), (3, 17)):
+        fresh = Renderer(config).paginate(messages, start=start)
+        again = warm.paginate(messages, start=start)
+        assert [p.content_hash for p in again] == [p.content_hash for p in fresh]
+        assert all(
+            np.array_equal(a.glyph_x, b.glyph_x) and np.array_equal(a.glyph_y, b.glyph_y)
+            and a.spans == b.spans
+            for a, b in zip(again, fresh)
+        )
