@@ -242,7 +242,7 @@ class OpticalMemory:
     def _new_turn(self, message: Any, turn_id: object, where: str) -> NewTurn:
         """The turn to store for a message: checked whole (shape, valid Unicode, the size of
         its render text and of its images); `turn_id` None: the message's own "turn_id", else
-        a new one."""
+        a new one. A message's "created_at" is the turn's time (else the time of the append)."""
         msg = parse_message(message, where)
         text = msg.text
         if len(text) > self.max_content_chars:
@@ -257,7 +257,7 @@ class OpticalMemory:
         if problem:
             raise MessageError(f"{where}: turn id {turn_id!r} {problem}")
         tid = uuid.uuid4().hex if turn_id is None else check_id(turn_id, f"{where}: turn id")
-        return NewTurn(tid, msg.role, text, msg.json)
+        return NewTurn(tid, msg.role, text, msg.json, msg.created(where))
 
     def append(
         self,

@@ -35,9 +35,11 @@ import io
 import json
 import re
 import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,36 @@ class Message:
     @property
     def name(self) -> str | None:
         return self._data.get("name")
+
+    def created(self, where: str = "message") -> float | None:
+        """The time the message carries in "created_at" (Unix seconds, or an ISO 8601 date
+        and time; without a zone, UTC), None when it has none. A message from the future (by
+        more than a day), before 1970 or not a time raises MessageError."""
+        value = self._data.get("created_at")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                raise MessageError(
+                    f"{where}: 'created_at' {value[:40]!r} is not an ISO 8601 date and time"
+                ) from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = when.timestamp()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            raise MessageError(
+                f"{where}: 'created_at' must be Unix seconds or an ISO 8601 string, "
+                f"got {_json_type(value)}"
+            )
+        if not 0 <= seconds <= time.time() + 86400:  # NaN fails too
+            raise MessageError(
+                f"{where}: 'created_at' {value!r} is not a time between 1970 and tomorrow"
+            )
+        return seconds
 
     @property
     def json(self) -> str:

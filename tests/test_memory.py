@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 
 from optical_memory.memory import OpticalMemory, UnknownSessionError
 from optical_memory.messages import MessageError
 from optical_memory.policy import Policy, Schedule
+from optical_memory.prompt import page_label
 
 
 @pytest.fixture
@@ -204,3 +206,31 @@ def test_with_closes_the_store(tmp_path):
         mem.turns("s")
     with OpticalMemory(tmp_path / "m.sqlite3") as again:  # the file itself is intact
         assert [t.content for t in again.turns("s")] == ["hi"]
+
+
+def test_a_messages_created_at_is_the_turns_time(store, conversation):
+    """Imported logs keep their times: "created_at" (Unix seconds or ISO 8601) dates the turn,
+    so page labels and wall-clock forgetting follow the conversation, not the import."""
+    day = 86400.0
+    start = time.time() - 40 * day
+    history = [
+        {**m, "created_at": start + i * day / 10} for i, m in enumerate(conversation(300))
+    ]
+    history[1]["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start))
+    mem = OpticalMemory(store, policy=Policy(half_life=10 * day, half_life_unit="seconds"))
+    mem.extend("s", history)
+    turns = mem.turns("s")
+    assert turns[0].created == history[0]["created_at"]
+    assert abs(turns[1].created - start) < 1 and turns[-1].created == history[-1]["created_at"]
+    assert turns[1].to_message()["created_at"] == history[1]["created_at"]  # kept as given
+    plan = mem.plan("s")
+    oldest = plan.pages[0]
+    assert oldest.age > 30 * day and oldest.newest_time == turns[oldest.last_turn].created
+    assert "days ago" in page_label(oldest)
+    count = len(turns)
+    for bad, why in (("yesterday", "not an ISO 8601"), (True, "Unix seconds or an ISO 8601"),
+                     (time.time() + 30 * day, "between 1970 and tomorrow"), (-5, "between 1970")):
+        with pytest.raises(MessageError, match=f"message 1: 'created_at' .*{why}"):
+            mem.extend("s", [{"role": "user", "content": "ok"},
+                             {"role": "user", "content": "late", "created_at": bad}])
+    assert len(mem.turns("s")) == count  # nothing of a refused batch stored

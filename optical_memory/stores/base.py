@@ -89,6 +89,7 @@ class NewTurn:
     role: str
     content: str
     message_json: str = ""
+    created: float | None = None  # the message's own time (Unix seconds); None: the append's
 
     def __post_init__(self) -> None:
         if not self.message_json:

@@ -573,7 +573,7 @@ class RedisStore(Store):
                 "turn_id": new.turn_id,
                 "role": new.role,
                 "content": new.content,
-                "created": created,
+                "created": new.created if new.created is not None else created,
             }
             if not new.plain:
                 record["message"] = new.message_json

@@ -165,7 +165,8 @@ class SQLiteStore(Store):
                         raise conflict(session_id, stored)
                     out.append(stored)
                     continue
-                turn = Turn(count, new.turn_id, new.role, new.content, now(), new.message_json)
+                created = new.created if new.created is not None else now()
+                turn = Turn(count, new.turn_id, new.role, new.content, created, new.message_json)
                 db.execute(
                     "INSERT INTO turns (sid, idx, turn_id, role, content, created, message) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
