@@ -80,16 +80,17 @@ class Policy:
     of the best) raise their pages, whose weight grows by up to `relevance_boost` times,
     and up to `verbatim_tokens` positions (at most a quarter of what pages may spend)
     restore those turns as exact text where their page is not text already (0: no
-    verbatim recall). Planner "schedule": the fixed
-    `schedule` and the rules below.
+    verbatim recall).
 
-    Text window: the last `recent_turns` turns stay text, fewer if they hold more
-    than `recent_tokens` tokens or a quarter of the decoder window. The context must fit `window` positions with
-    `answer_tokens` reserved for the answer and `overhead` for the prompt's
-    special tokens. Over budget, pages step down no lower than `floor` before the
-    oldest leave. A page is never given a mode that costs more than its text
-    tokens divided by `min_compression` (above the floor; 0 turns this off): a
-    sharper mode than that spends more positions than the plain text would.
+    Text window: the last `recent_turns` turns are not paged, fewer if they hold more
+    than `recent_tokens` tokens or a quarter of the decoder window (the readable planner
+    may show older pages as text too). The context must fit `window` positions with
+    `answer_tokens` reserved for the answer and `overhead` for the prompt's special tokens.
+
+    Planner "schedule": pages fade by the fixed `schedule`; over budget, pages step down no
+    lower than `floor` before the oldest leave. A page is never given a mode that costs
+    more than its text tokens divided by `min_compression` (above the floor; 0 turns this
+    off): a sharper mode than that spends more positions than the plain text would.
     """
 
     schedule: Schedule = field(default_factory=Schedule)
