@@ -12,10 +12,11 @@ chain constraint (pages in the chain, oldest first, may not get sharper with age
 a newer page never blurrier than an older one); the chain is solved by dynamic
 programming over (page, option) in O(pages · options) per price. The smallest
 price whose choice fits the budget is found by a grid search, refined once
-(deterministic). Without the chain this is the classic greedy over each page's
-upper convex hull of (cost, value), optimal for the LP relaxation; the choice it
-returns is that optimum less at most one page's step, which a final fill pass
-spends where it still fits (newest pages first, keeping the chain).
+(deterministic). Without the chain and at the exact breakpoint price this is the
+classic greedy over each page's upper convex hull of (cost, value), optimal for the
+LP relaxation up to one page's step; the grid comes near that price, and a final
+fill pass spends what is left where it still fits (newest pages first, keeping the
+chain). Against brute force on random instances the mean gap is under 1% (tests).
 """
 
 from __future__ import annotations
