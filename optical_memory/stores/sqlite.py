@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -76,6 +77,21 @@ def _create_private(path: Path) -> None:
         pass
 
 
+def _wal(db: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch `db` to WAL mode. The switch takes an exclusive lock without waiting on the
+    busy timeout, so two processes opening a new file at once may find it locked: retry
+    until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore(Store):
     """A store in the SQLite file at `path`, created if missing: the file private to its
     owner (0600), as is each directory made for it (0700); existing ones are left as they are."""
@@ -90,7 +106,7 @@ class SQLiteStore(Store):
             self._db = sqlite3.connect(
                 self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _wal(self._db, timeout_s)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._migrate_turns()
