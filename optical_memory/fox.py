@@ -26,8 +26,7 @@ Text reads at 1.0 and a page out of the context at 0.0.
 
 from __future__ import annotations
 
-import bisect
-import math
+import numpy as np
 
 SOURCE = "DeepSeek-OCR: Contexts Optical Compression (arXiv 2510.18234), Table 2 (Fox benchmark)"
 
@@ -42,25 +41,30 @@ FOX_FIGURES: tuple[tuple[float, float], ...] = (
 TEXT_PRECISION = 1.0
 OUT_PRECISION = 0.0
 
-_RATIOS = [r for r, _ in FOX_FIGURES]
+# The figures, then where the last segment, continued, reaches 0: the points to interpolate.
+(_R0, _P0), (_R1, _P1) = FOX_FIGURES[-2], FOX_FIGURES[-1]
+_RATIOS = np.array([*(r for r, _ in FOX_FIGURES), _R1 + _P1 * (_R1 - _R0) / (_P0 - _P1)])
+_PRECISIONS = np.array([*(p for _, p in FOX_FIGURES), OUT_PRECISION])
 
 
-def expected_precision(ratio: float) -> float:
-    """Expected reading precision of a page compressed `ratio` times (text / vision tokens)."""
-    if math.isnan(ratio) or ratio < 0:
+def expected_precision(ratio: float | np.ndarray) -> float | np.ndarray:
+    """Expected reading precision of a page compressed `ratio` times (text / vision tokens);
+    `ratio` may be an array (the precisions come back as one)."""
+    ratios = np.asarray(ratio, dtype=np.float64)
+    if np.isnan(ratios).any() or (ratios < 0).any():
         raise ValueError(f"compression ratio must be a non-negative number, got {ratio}")
-    if ratio <= _RATIOS[0]:
-        return FOX_FIGURES[0][1]
-    i = bisect.bisect_left(_RATIOS, ratio)
-    if i == len(_RATIOS):
-        (r0, p0), (r1, p1) = FOX_FIGURES[-2], FOX_FIGURES[-1]
-    else:
-        (r0, p0), (r1, p1) = FOX_FIGURES[i - 1], FOX_FIGURES[i]
-    return max(OUT_PRECISION, p0 + (p1 - p0) * (ratio - r0) / (r1 - r0))
+    out = np.interp(ratios, _RATIOS, _PRECISIONS, left=_PRECISIONS[0], right=OUT_PRECISION)
+    return float(out) if out.ndim == 0 else out
 
 
-def page_precision(text_tokens: int, vision_tokens: int) -> float:
-    """Expected precision of a page of `text_tokens` sent as `vision_tokens` (paper's count)."""
-    if vision_tokens <= 0:
-        return OUT_PRECISION
-    return expected_precision(text_tokens / vision_tokens)
+def page_precision(
+    text_tokens: float | np.ndarray, vision_tokens: float | np.ndarray
+) -> float | np.ndarray:
+    """Expected precision of pages of `text_tokens` sent as `vision_tokens` (the paper's
+    count; 0 or fewer: out of the context); arrays broadcast."""
+    text = np.asarray(text_tokens, dtype=np.float64)
+    vision = np.asarray(vision_tokens, dtype=np.float64)
+    sent = vision > 0
+    ratio = np.divide(text, vision, out=np.zeros(np.broadcast(text, vision).shape), where=sent)
+    out = np.where(sent, expected_precision(ratio), OUT_PRECISION)
+    return float(out) if out.ndim == 0 else out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optical_memory.backends.profiles import Tier
-from optical_memory.fox import OUT_PRECISION, TEXT_PRECISION, page_precision
+from optical_memory.fox import TEXT_PRECISION, page_precision
 from optical_memory.modes import FADING_ORDER
 from optical_memory.plan import TEXT
 from optical_memory.policy import Policy
@@ -97,24 +97,19 @@ def choose(
             spent += c.tokens
     budget -= spent
 
-    precision = np.zeros((n, len(OPTIONS)))
+    text = np.array([p.text_tokens for p in pages], dtype=np.float64)
+    precision = np.zeros((n, len(OPTIONS)))  # the last option, out, reads at 0 and costs 0
     costs = np.zeros((n, len(OPTIONS)))
-    for i, page in enumerate(pages):
-        for j, option in enumerate(OPTIONS):
-            if option == TEXT:
-                precision[i, j] = TEXT_PRECISION
-                costs[i, j] = page.text_cost
-            elif option is None:
-                precision[i, j] = OUT_PRECISION
-            else:
-                tier = tiers[option]
-                precision[i, j] = page_precision(page.text_tokens, tier.tokens)
-                costs[i, j] = tier.cost + label_tokens
+    precision[:, 0] = TEXT_PRECISION
+    costs[:, 0] = [p.text_cost for p in pages]
+    grid = np.array([tiers[m].tokens for m in FADING_ORDER], dtype=np.float64)
+    precision[:, 1:-1] = page_precision(text[:, None], grid[None, :])
+    costs[:, 1:-1] = [tiers[m].cost + label_tokens for m in FADING_ORDER]
     weight = np.array([
         policy.age_weight(p.age) * (1.0 + policy.relevance_boost * s / best if best else 1.0)
         for p, s in zip(pages, scores)
     ])
-    values = weight[:, None] * np.array([p.text_tokens for p in pages])[:, None] * precision
+    values = weight[:, None] * text[:, None] * precision
 
     # First every page in forgetting's order; pages with hits older than the text run that
     # gives are then raised: out of the order, restored verbatim rather than shown as text.
