@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--baseline", type=int, default=None, help="requests in the baseline (all)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--view-processes", type=int, help="the backend's view processes (default: its own)"
+    )
     ap.add_argument("--small", action="store_true", help="tiny checkpoint: checks the script only")
     ap.add_argument("--out", default="benchmarks/results/load_gpu.json")
     args = ap.parse_args(argv)
@@ -336,10 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = load_model(ckpt, device=args.device)
     model.tokenizer.eos_id = -1  # full-length answers (see the module docstring)
-    # The encoder keeps a CUDA graph, with its own memory pool, per (batch, view size): the
-    # encode queue's batches of 1-32 pages of three tiers held 69 GiB of pools in a first
-    # run and the GPU ran out of memory. Batches from the queue are large enough to run eagerly.
-    model.encoder._graphs = None
     load_s = time.perf_counter() - started
     cfg = model.decoder.config
     answer = args.answer_tokens
@@ -350,14 +349,20 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "command": command("python", "benchmarks/load.py", argv=argv),
         "driver": "in process: one thread per session through DeepSeekOCRBackend (context, "
-        "then tokens), the path OpticalMemory.stream takes; concurrent: encode queue (32 pages "
-        "per pass) + scheduler; baseline: inline encoding + single-request decode",
+        "then tokens), the path OpticalMemory.stream takes; concurrent: views made by the "
+        "backend's view processes, encode queue (32 pages per pass, CUDA graphs) + "
+        "scheduler; baseline: inline encoding + single-request decode",
         "model_load_s": load_s,
     }
     batched = DeepSeekOCRBackend(
-        model, batching=True, scheduler={"max_batch": args.max_batch}, encode_batch=32
+        model,
+        batching=True,
+        scheduler={"max_batch": args.max_batch},
+        encode_batch=32,
+        view_processes=args.view_processes,
     )
     alone = DeepSeekOCRBackend(model, batching=False, encoding="inline")
+    result["view_processes"] = batched.view_pool.processes
 
     # --- sessions, pages rendered, every page encoded once, then half dropped from the cache
     store = Path(args.store)

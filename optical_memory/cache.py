@@ -57,6 +57,11 @@ def cache_key(page_hash: str, render_fingerprint: str, mode: str, model_fingerpr
     return hashlib.sha256(parts.encode()).hexdigest()[:40]
 
 
+def page_image_key(page_hash: str, render_fingerprint: str) -> str:
+    """The key of a rendered page image's entry (the same for every mode and model)."""
+    return cache_key(page_hash, render_fingerprint, IMAGE_MODE, "")
+
+
 def pack(key: str, dtype: str, shape: tuple[int, ...], payload: bytes) -> bytes:
     header = json.dumps(
         {"key": key, "dtype": dtype, "shape": list(shape), "sha256": hashlib.sha256(payload).hexdigest()}

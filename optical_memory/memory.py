@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from optical_memory.backends import Answer, Backend, Profile, Tier, get_profile, open_backend
 from optical_memory.backends.profiles import deepseek_ocr_profile
-from optical_memory.cache import IMAGE_MODE, VisionCache, cache_key, encode_png
+from optical_memory.cache import VisionCache, cache_key, encode_png, page_image_key
 from optical_memory.fox import page_precision
 from optical_memory.messages import (
     IMAGE_SLOT,
@@ -664,7 +664,7 @@ class OpticalMemory:
     def page_image(self, session_id: str, page: PageRecord | PagePlan) -> Image.Image:
         """The page rendered at the configured canvas, from the cache or rendered (and cached) now."""
         record = self._record(session_id, page)
-        key = cache_key(record.content_hash, record.fingerprint, IMAGE_MODE, "")
+        key = page_image_key(record.content_hash, record.fingerprint)
         image = self.cache.get_image(session_id, key, size=(record.width, record.height))
         if image is None:
             image = self.pager.image(session_id, record)

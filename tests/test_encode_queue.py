@@ -128,6 +128,39 @@ def test_one_forward_pass_serves_several_sessions_with_the_tokens_of_each_alone(
     mem.close()
 
 
+def test_view_processes_give_the_tokens_of_each_page_alone_and_redo_an_unsound_image(
+    tmp_path, model, conversation
+):
+    from optical_memory.cache import page_image_key
+
+    mem = _memory(tmp_path / "m.sqlite3", model, view_processes=2)
+    assert mem.backend.view_pool.processes == 2
+    mem.extend("s", conversation(30))
+    expected = _alone(mem, "s")  # also caches the sealed pages' images
+    records = {r.index: r for r in mem.pages("s")}
+    first = records[mem.plan("s", QUERY).in_context()[0].index]
+    key = page_image_key(first.content_hash, first.fingerprint)
+    sound = mem.store.cache_get("s", key)
+    mem.store.cache_put("s", key, sound[:-100])  # truncated: refused in the view process
+    context = mem.context("s", QUERY)
+    got = [seg for seg in context.segments if isinstance(seg, torch.Tensor)]
+    assert context.encoded == len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert mem.store.cache_get("s", key) == sound  # rendered again and stored whole
+    assert mem.backend.view_pool._executor is not None  # the processes made the others
+    mem.backend.close()
+    mem.close()
+
+
+def test_views_are_made_in_the_calling_thread_by_default_on_the_cpu(tmp_path, model):
+    mem = _memory(tmp_path / "m.sqlite3", model)
+    assert mem.backend.view_pool.processes == 0
+    with pytest.raises(ValueError, match="view_processes"):
+        DeepSeekOCRBackend(model, view_processes=-1)
+    mem.close()
+
+
 def test_local_queue_encodes_a_page_once_for_concurrent_callers_and_batches_by_tier():
     calls = []
 
@@ -372,7 +405,7 @@ def test_workers_serve_sessions_of_a_redis_cluster(
     for n, sid in enumerate(sessions):
         mem.extend(sid, conversation(30, seed=n))
     expected = {sid: _alone(mem, sid) for sid in sessions}
-    pages = PageEncoder(store, model.encoder, threads=2)
+    pages = PageEncoder(store, model.encoder, view_processes=2)
     worker = EncodeWorker(  # pipelined: the next read prepared while a batch is encoded
         store, model.encoder.cache_id, pages, prepare=pages.prepare, modes=MODES, batch=2,
         block_s=0.05, name="w",
@@ -387,6 +420,7 @@ def test_workers_serve_sessions_of_a_redis_cluster(
     finally:
         stop.set()
         working.join(timeout=60)
+        pages.pool.close()
     for sid in sessions:
         got = [s for s in results[sid].segments if isinstance(s, torch.Tensor)]
         assert len(got) == len(expected[sid])

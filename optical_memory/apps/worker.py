@@ -17,6 +17,10 @@ import sys
 import threading
 from typing import Any
 
+from optical_memory.cache import CacheEntryError
+
+log = logging.getLogger(__name__)
+
 MODEL_ENV = "OPTICAL_MEMORY_MODEL"
 
 
@@ -62,8 +66,9 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
         help="exit when the stream stayed empty this long (default: run until stopped)",
     )
     p.add_argument(
-        "--threads", type=int, default=min(8, os.cpu_count() or 1),
-        help="threads decoding and preprocessing page images (default: up to 8)",
+        "--view-processes", type=int, metavar="N",
+        help="processes decoding page images and making their views (default: half the "
+        "cores up to 8 on a GPU, 0 on the CPU: in the worker's own thread)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every page stored")
     p.set_defaults(handler=run_worker)
@@ -71,32 +76,40 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
 
 class PageEncoder:
     """What a worker does with a batch of pages of one tier: `prepare(mode, jobs)` reads the
-    pages' images from the cache and preprocesses them (`threads` threads: Pillow and the
-    tensor copies release the GIL); calling it runs one forward pass over what was prepared
-    (prepared now when not given) and returns each page's packed cache value or why there
-    is none."""
+    pages' images from the cache and makes their encoder views (in `view_processes`
+    processes, see `ViewPool`; 0: here); calling it runs one forward pass over what was
+    prepared (prepared now when not given) and returns each page's packed cache value or why
+    there is none."""
 
-    def __init__(self, store: Any, encoder: Any, threads: int = 1) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, store: Any, encoder: Any, view_processes: int = 0) -> None:
+        from optical_memory.backends.deepseek_ocr.view_pool import ViewPool
 
-        from optical_memory.cache import VisionCache
-
+        self.store = store
         self.encoder = encoder
-        self.cache = VisionCache(store)
-        self.pool = (
-            ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
-        )
-
-    def _views(self, job: Any, mode: str) -> Any:
-        from optical_memory.backends.deepseek_ocr.preprocess import make_views
-
-        image = self.cache.get_image(job.session_id, job.image_key, size=job.size)
-        return None if image is None else make_views(image, mode)
+        self.pool = ViewPool(view_processes)
 
     def prepare(self, mode: str, jobs: list[Any]) -> list[Any]:
-        modes = [mode] * len(jobs)
-        mapped = self.pool.map if self.pool else map
-        return list(mapped(self._views, jobs, modes))
+        """Each job's views, or None where its image is not in the cache or is unsound."""
+        entries: dict[tuple[str, str], bytes] = {}
+        for sid in {job.session_id for job in jobs}:
+            keys = [job.image_key for job in jobs if job.session_id == sid]
+            for key, value in self.store.cache_get_many(sid, keys).items():
+                entries[(sid, key)] = value
+        futures = []
+        for job in jobs:
+            entry = entries.get((job.session_id, job.image_key))
+            futures.append(
+                None if entry is None else self.pool.submit(job.image_key, entry, job.size, mode)
+            )
+        out = []
+        for job, future in zip(jobs, futures):
+            try:
+                out.append(None if future is None else future.result())
+            except CacheEntryError as exc:
+                log.warning("dropping the cached image of %s: %s", job.describe(), exc)
+                self.store.cache_delete(job.session_id, job.image_key)
+                out.append(None)
+        return out
 
     def __call__(
         self, mode: str, jobs: list[Any], prepared: list[Any] | None = None
@@ -156,6 +169,7 @@ def run_worker(args: argparse.Namespace) -> int:
         )
     store = RedisStore(url, prefix=args.prefix)
     from optical_memory.backends.deepseek_ocr.model import load_encoder
+    from optical_memory.backends.deepseek_ocr.view_pool import default_view_processes
 
     try:
         encoder = load_encoder(
@@ -164,7 +178,10 @@ def run_worker(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # a bad checkpoint, device or dtype
         raise SystemExit(f"optical-memory worker: {model}: {exc}") from None
     try:
-        pages = PageEncoder(store, encoder, threads=max(1, args.threads))
+        view_processes = args.view_processes
+        if view_processes is None:
+            view_processes = default_view_processes(encoder.device)
+        pages = PageEncoder(store, encoder, view_processes=max(0, view_processes))
         worker = EncodeWorker(
             store,
             encoder.cache_id,

@@ -11,9 +11,12 @@ the model itself is loaded on first use.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from optical_memory.backends.base import Answer, AnswerStream, Backend
 from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.backends.profiles import Profile, deepseek_ocr_profile
-from optical_memory.cache import IMAGE_MODE, cache_key
+from optical_memory.cache import CacheEntryError, cache_key, page_image_key
 from optical_memory.encode_queue import (
     EncodeError,
     EncodeTimeoutError,
@@ -42,7 +45,11 @@ if TYPE_CHECKING:
     import torch
 
     from optical_memory.backends.deepseek_ocr.model import OpticalModel
+    from optical_memory.backends.deepseek_ocr.preprocess import Views
+    from optical_memory.backends.deepseek_ocr.view_pool import ViewPool
     from optical_memory.pages import PageRecord
+
+log = logging.getLogger(__name__)
 
 ENCODINGS = ("local", "workers", "inline")
 ENCODING_ENV = "OPTICAL_MEMORY_ENCODING"  # the default of `encoding` (e.g. for the CLI and serve)
@@ -76,6 +83,9 @@ class DeepSeekOCRBackend(Backend):
       cache;
     - "inline": in the calling thread, batches of one call's pages only.
     A call waits at most `encode_timeout_s` for its pages (`EncodeTimeoutError`, naming them).
+    With "local", `view_processes` processes decode the cached page images and make their
+    encoder views (see `ViewPool`; default: half the cores up to 8 when the encoder is on a
+    GPU, 0 on the CPU; 0: in the calling thread).
     `encode_queue_depth` tells how many pages are waiting or being encoded.
     """
 
@@ -92,6 +102,7 @@ class DeepSeekOCRBackend(Backend):
         encoding: str | None = None,
         encode_batch: int = 8,
         encode_timeout_s: float = 300.0,
+        view_processes: int | None = None,
     ) -> None:
         if encoding is None:
             encoding = os.environ.get(ENCODING_ENV) or "local"
@@ -107,6 +118,10 @@ class DeepSeekOCRBackend(Backend):
         self.encoding = encoding
         self.encode_batch = encode_batch
         self.encode_timeout_s = encode_timeout_s
+        if view_processes is not None and view_processes < 0:
+            raise ValueError(f"view_processes must be 0 or more, got {view_processes}")
+        self._view_processes = view_processes
+        self._view_pool: ViewPool | None = None
         self._queue_lock = threading.Lock()
         self._local_queue: LocalEncodeQueue | None = None
         self._redis_queues: dict[int, RedisEncodeQueue] = {}  # by id of the store
@@ -175,6 +190,29 @@ class DeepSeekOCRBackend(Backend):
                     lambda mode, views: encoder.encode_views(views), batch=self.encode_batch
                 )
             return self._local_queue
+
+    @property
+    def view_pool(self) -> ViewPool:
+        """What makes the encoder views of the "local" queue's pages (see `view_processes`)."""
+        with self._queue_lock:
+            if self._view_pool is None:
+                from optical_memory.backends.deepseek_ocr.view_pool import (
+                    ViewPool,
+                    default_view_processes,
+                )
+
+                n = self._view_processes
+                if n is None:
+                    n = default_view_processes(self.model.encoder.device)
+                self._view_pool = ViewPool(n)
+            return self._view_pool
+
+    def close(self) -> None:
+        """Stop the view processes (a later encode starts them again)."""
+        with self._queue_lock:
+            pool, self._view_pool = self._view_pool, None
+        if pool is not None:
+            pool.close()
 
     @property
     def encode_queue_depth(self) -> int:
@@ -280,12 +318,9 @@ class DeepSeekOCRBackend(Backend):
         shapes: dict[int, tuple[int, int]],
         batch_size: int,
     ) -> Iterator[tuple[PagePlan, torch.Tensor]]:
-        """Through the in-process queue, `batch_size` pages at a time: views made here (in the
-        caller's thread, beside other callers'), forward passes in the queue's thread."""
-        import time
-
-        from optical_memory.backends.deepseek_ocr.preprocess import make_views
-
+        """Through the in-process queue. Views are made by the view pool's processes when it
+        has any (every page of the call at once, each queued as soon as its views are ready),
+        else in the caller's thread, `batch_size` pages at a time."""
         queue = self.encode_queue
 
         def store(job: PageJob, embedding: torch.Tensor) -> None:  # in the encoding thread
@@ -294,26 +329,64 @@ class DeepSeekOCRBackend(Backend):
 
         deadline = time.monotonic() + self.encode_timeout_s
         jobs = [PageJob(session_id, key, p.index, p.mode) for p, key in queued]
-        step = max(1, batch_size)
-        for start in range(0, len(queued), step):
+        step = len(jobs) if self.view_pool.processes else max(1, batch_size)
+        for start in range(0, len(jobs), step):
             chunk = jobs[start : start + step]
-            views = [make_views(memory.page_image(session_id, records[j.index]), j.mode)
-                     for j in chunk]
-            futures = [f for f, _ in queue.submit_many(list(zip(chunk, views)), store)]
-            del views  # the queue's now
-            for n, future in enumerate(futures):
-                try:
+            futures: list[Future | None] = [None] * len(chunk)
+            try:
+                for n, views in self._page_views(memory, session_id, records, chunk, deadline):
+                    futures[n] = queue.submit(chunk[n], views, store)[0]
+                for n, future in enumerate(futures):
                     embedding = future.result(timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    late = [j for j, f in zip(chunk[n:], futures[n:]) if not f.done()]
-                    late += jobs[start + step :]
-                    raise EncodeTimeoutError(
-                        f"{len(late)} page(s) not encoded within the {self.encode_timeout_s:g} "
-                        f"s encode timeout: {describe_pages(late)}; the in-process queue holds "
-                        f"{queue.depth} page(s)",
-                        late,
-                    ) from None
-                yield queued[start + n][0], embedding
+                    yield queued[start + n][0], embedding
+            except TimeoutError:
+                late = [j for j, f in zip(chunk, futures) if f is None or not f.done()]
+                late += jobs[start + step :]
+                raise EncodeTimeoutError(
+                    f"{len(late)} page(s) not encoded within the {self.encode_timeout_s:g} "
+                    f"s encode timeout: {describe_pages(late)}; the in-process queue holds "
+                    f"{queue.depth} page(s)",
+                    late,
+                ) from None
+
+    def _page_views(
+        self,
+        memory: PageSource,
+        session_id: str,
+        records: dict[int, PageRecord],
+        jobs: list[PageJob],
+        deadline: float,
+    ) -> Iterator[tuple[int, Views]]:
+        """(position in `jobs`, views) of each page, in the order they are ready: pages whose
+        image is cached go to the view pool; the rest (and any whose entry turns out unsound,
+        dropped) are rendered and prepared here."""
+        keys = [page_image_key(records[j.index].content_hash, records[j.index].fingerprint)
+                for j in jobs]
+        entries = memory.store.cache_get_many(session_id, keys)
+        pending: dict[Future, int] = {}
+        for n, (job, key) in enumerate(zip(jobs, keys)):
+            if key in entries:
+                record = records[job.index]
+                size = (record.width, record.height)
+                pending[self.view_pool.submit(key, entries[key], size, job.mode)] = n
+        here = set(range(len(jobs))) - set(pending.values())
+        for n in sorted(here):
+            yield n, self._views_here(memory, session_id, records[jobs[n].index], jobs[n].mode)
+        for future in as_completed(pending, timeout=max(0.0, deadline - time.monotonic())):
+            n = pending[future]
+            try:
+                yield n, future.result()
+            except CacheEntryError as exc:
+                record = records[jobs[n].index]
+                log.warning("dropping the cached image of %s: %s", jobs[n].describe(), exc)
+                memory.store.cache_delete(session_id, keys[n])
+                yield n, self._views_here(memory, session_id, record, jobs[n].mode)
+
+    @staticmethod
+    def _views_here(memory: PageSource, session_id: str, record: PageRecord, mode: str) -> Views:
+        from optical_memory.backends.deepseek_ocr.preprocess import make_views
+
+        return make_views(memory.page_image(session_id, record), mode)
 
     def _encode_workers(
         self,
@@ -331,7 +404,7 @@ class DeepSeekOCRBackend(Backend):
         jobs = []
         for p, key in queued:
             record = records[p.index]
-            image_key = cache_key(record.content_hash, record.fingerprint, IMAGE_MODE, "")
+            image_key = page_image_key(record.content_hash, record.fingerprint)
             size = (record.width, record.height)
             jobs.append(PageJob(session_id, key, p.index, p.mode, image_key, size))
         have = store.cache_contains(session_id, [job.image_key for job in jobs])

@@ -21,6 +21,8 @@ Where the experts read group sizes on the host (the CPU, float32; see
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from PIL import Image
 
@@ -172,7 +174,15 @@ class DecodeStep:
         self._graph = graph
 
 
-MAX_CUDA_GRAPHS = 16
+MAX_CUDA_GRAPHS = 24
+
+
+def graph_batch(n: int) -> int:
+    """The batch a CUDA graph of the encoder is captured for: powers of two up to 8, then
+    multiples of 8 (at most 7 padding rows, under half the batch)."""
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 8) * 8
 
 
 class Encoder:
@@ -193,6 +203,7 @@ class Encoder:
         self.config = model.config
         # input shape -> (graph, static input, static output), oldest first
         self._graphs: dict[tuple[int, ...], tuple] | None = None
+        self._graph_lock = threading.Lock()
         if cuda_graphs:
             self.enable_cuda_graphs()
 
@@ -236,13 +247,17 @@ class Encoder:
     def enable_cuda_graphs(self) -> None:
         """Replay one captured CUDA graph per input shape instead of launching kernels one by one.
 
-        Removes the launch overhead that dominates small batches. Each new
-        (batch, view size) is captured on first use (tens of milliseconds) and
-        keeps its own memory; the `MAX_CUDA_GRAPHS` most recent shapes are kept.
+        Removes the launch overhead that dominates small batches, and leaves the
+        host (and its interpreter lock) free for other threads while the GPU works.
+        Batches are padded to `graph_batch` sizes, so a queue's varied batches
+        reuse a few graphs; each is captured on first use (tens of milliseconds),
+        the `MAX_CUDA_GRAPHS` most recent are kept, and all share one memory pool
+        (replays take a lock and copy their output out).
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self._graphs = {}
+        self._graph_pool = torch.cuda.graph_pool_handle()
 
     def compile(self) -> None:
         """torch.compile every SAM and CLIP layer in place (fuses the elementwise work).
@@ -288,29 +303,32 @@ class Encoder:
         return out
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        # pixels: uint8 [B, 3, S, S] -> features [B, (S/64)^2, hidden]; with CUDA graphs the
-        # result lives in the graph's output buffer until the next call of the same shape
+        # pixels: uint8 [B, 3, S, S] -> features [B, (S/64)^2, hidden]
         pixels = pixels.to(self.device, non_blocking=True)
         if self._graphs is None:
             return self.model(normalize(pixels, self.dtype))
-        key = tuple(pixels.shape)
-        if key not in self._graphs:
-            static_in = pixels.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: library plans and workspaces
-                self.model(normalize(static_in, self.dtype))
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (the decode scheduler) keep working during the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.model(normalize(static_in, self.dtype))
-            self._graphs[key] = (graph, static_in, static_out)
-            if len(self._graphs) > MAX_CUDA_GRAPHS:
-                del self._graphs[next(iter(self._graphs))]
-        else:
-            self._graphs[key] = self._graphs.pop(key)  # most recently used last
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(pixels)
-        graph.replay()
-        return static_out
+        n = pixels.shape[0]
+        key = (graph_batch(n), *pixels.shape[1:])
+        with self._graph_lock:
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(pixels.new_zeros(key))
+                if len(self._graphs) > MAX_CUDA_GRAPHS:
+                    del self._graphs[next(iter(self._graphs))]
+            else:
+                self._graphs[key] = self._graphs.pop(key)  # most recently used last
+            graph, static_in, static_out = self._graphs[key]
+            static_in[:n].copy_(pixels)  # padding rows keep old pixels; their rows are dropped
+            graph.replay()
+            return static_out[:n].clone()  # the next replay of any graph may overwrite it
+
+    def _capture(self, static_in: torch.Tensor) -> tuple:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: library plans and workspaces
+            self.model(normalize(static_in, self.dtype))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the decode scheduler) keep working during the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            static_out = self.model(normalize(static_in, self.dtype))
+        return graph, static_in, static_out
