@@ -19,11 +19,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from renderers import FontFile, FontSet, RenderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -217,3 +220,21 @@ def tesseract_version() -> str:
         ["tesseract", "--version"], capture_output=True, text=True, check=False
     ).stdout
     return out.splitlines()[0] if out else "unknown"
+
+
+def render_config(directory: str | None) -> RenderConfig:
+    """The memory page config, with the DejaVu fonts of `directory` when given (a machine
+    without them installed)."""
+    config = RenderConfig.memory_page()
+    if not directory:
+        return config
+    d = Path(directory)
+    return replace(
+        config,
+        fonts=FontSet(
+            sans=FontFile(str(d / "DejaVuSans.ttf")),
+            mono=FontFile(str(d / "DejaVuSansMono.ttf")),
+            label=FontFile(str(d / "DejaVuSans-Bold.ttf")),
+            fallbacks=(),
+        ),
+    )

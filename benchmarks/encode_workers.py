@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, ROOT, command, cpu_name, write_json
+from common import RESULTS_DIR, ROOT, command, cpu_name, render_config, write_json
 
 SESSIONS = 16
 
@@ -64,13 +64,13 @@ def write_encoder(directory: Path, full_size: bool) -> Path:
     return directory
 
 
-def page_images(count: int = 8) -> list:
+def page_images(fonts: str | None, count: int = 8) -> list:
     """`count` real pages of a synthetic conversation at the memory canvas."""
     from optical_memory.conversation import build_conversation
     from optical_memory.memory import OpticalMemory
 
     with tempfile.TemporaryDirectory() as tmp:
-        mem = OpticalMemory(Path(tmp) / "m.sqlite3")
+        mem = OpticalMemory(Path(tmp) / "m.sqlite3", render=render_config(fonts))
         mem.extend("s", build_conversation(400))
         records = [r for r in mem.pages("s") if r.sealed][:count]
         images = [mem.page_image("s", r) for r in records]
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--store", help="a Redis URL (default: a redis-server of its own)")
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: random)")
     parser.add_argument("--full-size", action="store_true", help="random official-size encoder")
+    parser.add_argument("--fonts", help="folder with DejaVuSans.ttf, -Bold, Mono (else installed)")
     parser.add_argument("--devices", help="CUDA devices, one per worker: 0,1 (default: CPU)")
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (1,2)")
     parser.add_argument("--pages", type=int, default=256)
@@ -194,7 +195,7 @@ def main() -> None:
         wait_for(lambda: _pings(redis, port), "redis-server")
     try:
         model = args.model or write_encoder(tmp / "encoder", args.full_size)
-        images = page_images()
+        images = page_images(args.fonts)
         results = [run(args, url, model, images, n) for n in counts]
     finally:
         if server is not None:

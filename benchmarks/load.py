@@ -40,11 +40,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import command, matmul_peak_tflops, write_json
+from common import command, matmul_peak_tflops, render_config, write_json
 from decode_check import check_decode_paths
 
 from optical_memory.backends.deepseek_ocr import load_model
@@ -53,7 +52,6 @@ from optical_memory.backends.deepseek_ocr.configuration import DecoderConfig
 from optical_memory.cache import cache_key
 from optical_memory.memory import OpticalMemory
 from optical_memory.policy import Policy
-from renderers import FontFile, FontSet, RenderConfig
 
 spawn = multiprocessing.get_context("spawn")  # the parent holds CUDA: no fork
 WORDS = [
@@ -150,22 +148,6 @@ def ensure_checkpoint(args) -> Path:
             write_full_size_checkpoint(path)
         print(f"checkpoint written in {time.perf_counter() - start:.1f} s", flush=True)
     return path
-
-
-def render_config(directory: str | None) -> RenderConfig:
-    config = RenderConfig.memory_page()
-    if not directory:
-        return config
-    d = Path(directory)
-    return replace(
-        config,
-        fonts=FontSet(
-            sans=FontFile(str(d / "DejaVuSans.ttf")),
-            mono=FontFile(str(d / "DejaVuSansMono.ttf")),
-            label=FontFile(str(d / "DejaVuSans-Bold.ttf")),
-            fallbacks=(),
-        ),
-    )
 
 
 def render_pages(job: tuple[str, str | None, str, list[int]]) -> None:

@@ -295,11 +295,34 @@ class VisionCache:
             session_id, key, lambda k, v: tensor_from_bytes(k, v, shape=shape, dtypes=dtypes)
         )
 
+    def get_tensors(
+        self,
+        session_id: str,
+        shapes: dict[str, tuple[int, ...]],
+        *,
+        dtypes: tuple[str, ...] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`get_tensor` of each key of `shapes` (key -> the shape it implies) in one read; the
+        hits only."""
+        found = self.store.cache_get_many(session_id, list(shapes))
+        decoded = {
+            key: self._decode(
+                session_id, key, value,
+                lambda k, v: tensor_from_bytes(k, v, shape=shapes[k], dtypes=dtypes),
+            )
+            for key, value in found.items()
+        }
+        return {key: tensor for key, tensor in decoded.items() if tensor is not None}
+
     def put_tensor(self, session_id: str, key: str, tensor: torch.Tensor) -> int:
         """Store a tensor; returns the bytes it takes."""
-        value = tensor_to_bytes(key, tensor)
-        self.store.cache_put(session_id, key, value)
-        return len(value)
+        return self.put_tensors(session_id, [(key, tensor)])
+
+    def put_tensors(self, session_id: str, items: list[tuple[str, torch.Tensor]]) -> int:
+        """Store (key, tensor) pairs in one write; returns the bytes they take."""
+        values = [(key, tensor_to_bytes(key, tensor)) for key, tensor in items]
+        self.store.cache_put_many(session_id, values)
+        return sum(len(value) for _, value in values)
 
     def get_image(
         self, session_id: str, key: str, *, size: tuple[int, int] | None = None

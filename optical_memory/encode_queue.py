@@ -106,11 +106,14 @@ class QueueStats:
 
 
 # --------------------------------------------------------------------------- in-process
+OnResults = Callable[[list[PageJob], list[Any]], None]
+
+
 @dataclass(eq=False)
 class _Item:
     job: PageJob
     payload: Any
-    on_result: Callable[[PageJob, Any], None] | None = None
+    on_results: OnResults | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -146,19 +149,20 @@ class LocalEncodeQueue:
             return QueueStats(**vars(self._stats))
 
     def submit(
-        self, job: PageJob, payload: Any, on_result: Callable[[PageJob, Any], None] | None = None
+        self, job: PageJob, payload: Any, on_results: OnResults | None = None
     ) -> tuple[Future, bool]:
         """Queue a page; (its future result, whether this call queued it). A page already
         queued or being encoded (same session and key) is not queued again: its future is
-        shared. `on_result(job, result)` of the call that queued it runs once in the
-        encoding thread after the forward pass, before the future is set (e.g. to store the
-        result in the cache, whether or not any caller still waits)."""
-        return self.submit_many([(job, payload)], on_result)[0]
+        shared. `on_results(jobs, results)` of the calls that queued pages runs in the
+        encoding thread after each forward pass, once per callback with its pages of that
+        pass, before their futures are set (e.g. to store the results in the cache in one
+        write, whether or not any caller still waits)."""
+        return self.submit_many([(job, payload)], on_results)[0]
 
     def submit_many(
         self,
         pages: Sequence[tuple[PageJob, Any]],
-        on_result: Callable[[PageJob, Any], None] | None = None,
+        on_results: OnResults | None = None,
     ) -> list[tuple[Future, bool]]:
         """`submit` for several pages at once (they can share the next forward pass)."""
         out = []
@@ -169,7 +173,7 @@ class LocalEncodeQueue:
                     self._stats.deduplicated += 1
                     out.append((item.future, False))
                     continue
-                item = _Item(job, payload, on_result)
+                item = _Item(job, payload, on_results)
                 self._by_key[(job.session_id, job.key)] = item
                 self._waiting.append(item)
                 out.append((item.future, True))
@@ -229,12 +233,16 @@ class LocalEncodeQueue:
                     sessions = len({item.job.session_id for item in items})
                     stats.most_sessions_in_batch = max(stats.most_sessions_in_batch, sessions)
             # results land in the cache first: a caller that wakes finds them there
+            callbacks: dict[int, tuple[OnResults, list[int]]] = {}
             for i, item in enumerate(items if results is not None else ()):
-                if item.on_result is not None:
-                    try:
-                        item.on_result(item.job, results[i])
-                    except Exception:
-                        log.exception("storing %s failed", item.job.describe())
+                if item.on_results is not None:
+                    callbacks.setdefault(id(item.on_results), (item.on_results, []))[1].append(i)
+            for on_results, where in callbacks.values():
+                jobs = [items[i].job for i in where]
+                try:
+                    on_results(jobs, [results[i] for i in where])
+                except Exception:
+                    log.exception("storing %s failed", describe_pages(jobs))
             for i, item in enumerate(items):
                 if results is None:
                     item.future.set_exception(

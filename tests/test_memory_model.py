@@ -110,14 +110,14 @@ _ENCODER = textwrap.dedent(
     policy = Policy(schedule=Schedule(((1000, "tiny"),)), recent_turns=3, recent_tokens=120,
                     answer_tokens=8)
     mem = OpticalMemory(sys.argv[1], model=sys.argv[2], device="cpu", policy=policy)
-    put = mem.cache.put_tensor
+    put = mem.cache.put_tensors
 
     def put_and_report(*args):
         size = put(*args)
         print("cached", flush=True)
         return size
 
-    mem.cache.put_tensor = put_and_report
+    mem.cache.put_tensors = put_and_report
     mem.encode_pages("s", mem.plan("s", "q"), batch_size=1)
     """
 )

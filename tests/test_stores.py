@@ -127,6 +127,16 @@ def test_cache_evicts_least_recently_used_beyond_its_bound(store_factory):
     assert s.cache_get("s", "a") is not None
 
 
+def test_cache_put_many_stores_each_value_and_keeps_the_bound(store_factory):
+    s = store_factory(CacheLimits(max_bytes=2500))
+    s.cache_put("s", "old", b"o" * 1000)
+    s.cache_put_many("s", [("a", b"a" * 1000), ("b", b"b" * 1000)])
+    assert s.cache_get_many("s", ["old", "a", "b"]) == {"a": b"a" * 1000, "b": b"b" * 1000}
+    assert s.info("s").cache_bytes == 2000  # the oldest entry made room
+    s.cache_put_many("s", [])
+    assert s.info("s").cache_entries == 2
+
+
 def test_cache_entries_expire_after_ttl(store_factory):
     s = store_factory(CacheLimits(ttl_s=0.2))
     s.cache_put("s", "k", b"v")

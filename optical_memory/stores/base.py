@@ -331,6 +331,11 @@ class Store(ABC):
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
         """Store a value, then evict least recently used entries beyond the size bound."""
 
+    def cache_put_many(self, session_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        """`cache_put` of each (key, value), in order (one transaction where the store can)."""
+        for key, value in items:
+            self.cache_put(session_id, key, value)
+
     @abstractmethod
     def cache_delete(self, session_id: str, key: str) -> None: ...
 

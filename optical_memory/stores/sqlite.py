@@ -338,15 +338,22 @@ class SQLiteStore(Store):
         return found
 
     def cache_put(self, session_id: str, key: str, value: bytes) -> None:
+        self.cache_put_many(session_id, [(key, value)])
+
+    def cache_put_many(self, session_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        """One transaction (one sync) for all the values, then one eviction pass."""
+        if not items:
+            return
+        t = now()
         with self._write() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO cache (sid, key, value, size, used) VALUES (?, ?, ?, ?, ?)",
-                (session_id, key, value, len(value), now()),
+                [(session_id, key, value, len(value), t) for key, value in items],
             )
             if self.limits.ttl_s is not None:
                 db.execute(
                     "DELETE FROM cache WHERE sid = ? AND used < ?",
-                    (session_id, now() - self.limits.ttl_s),
+                    (session_id, t - self.limits.ttl_s),
                 )
             total = 0
             evict = []

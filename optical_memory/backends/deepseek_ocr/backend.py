@@ -260,24 +260,26 @@ class DeepSeekOCRBackend(Backend):
         out: dict[int, torch.Tensor] = {}
         misses: dict[str, list[tuple[PagePlan, str]]] = {}
         shapes: dict[int, tuple[int, int]] = {}
+        keys: dict[int, str] = {}
         for p in wanted:
             record = records.get(p.index)
             if record is None or record.content_hash != p.content_hash:
                 raise LookupError(
                     f"page {p.index} of session {session_id!r} changed since the plan; plan again"
                 )
-            key = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.cache_id)
             # What the key implies: this page's vision tokens at this mode (the plan's cost is
             # the tier's), the encoder's width and dtype; any other entry is dropped, a miss.
+            keys[p.index] = cache_key(p.content_hash, record.fingerprint, p.mode, encoder.cache_id)
             tokens = get_mode(p.mode).vision_tokens(record.width, record.height)
             shapes[p.index] = (tokens, encoder.hidden_size)
-            hit = memory.cache.get_tensor(
-                session_id, key, shape=shapes[p.index], dtypes=(dtype,)
-            )
-            if hit is not None:
-                out[p.index] = hit
+        hits = memory.cache.get_tensors(  # one read for all
+            session_id, {keys[p.index]: shapes[p.index] for p in wanted}, dtypes=(dtype,)
+        )
+        for p in wanted:
+            if keys[p.index] in hits:
+                out[p.index] = hits[keys[p.index]]
             else:
-                misses.setdefault(p.mode, []).append((p, key))
+                misses.setdefault(p.mode, []).append((p, keys[p.index]))
         encoded = sum(len(group) for group in misses.values())
         memory.store.count_cache(session_id, hits=len(out), misses=encoded)
         with tqdm(total=encoded, desc="encoding pages", unit="page", disable=not progress) as bar:
@@ -302,10 +304,16 @@ class DeepSeekOCRBackend(Backend):
                 for start in range(0, len(group), batch_size):
                     chunk = group[start : start + batch_size]
                     images = [memory.page_image(session_id, records[p.index]) for p, _ in chunk]
-                    for (p, key), embedding in zip(chunk, encoder.encode_batch(images, mode)):
-                        if tuple(embedding.shape) == shapes[p.index]:  # else never read back
-                            memory.cache.put_tensor(session_id, key, embedding)
-                        out[p.index] = embedding
+                    embeddings = encoder.encode_batch(images, mode)
+                    memory.cache.put_tensors(
+                        session_id,
+                        [  # one of another shape would never be read back
+                            (key, embedding)
+                            for (p, key), embedding in zip(chunk, embeddings)
+                            if tuple(embedding.shape) == shapes[p.index]
+                        ],
+                    )
+                    out.update((p.index, e) for (p, _), e in zip(chunk, embeddings))
                     bar.update(len(chunk))
         return [out[p.index] for p in wanted], encoded
 
@@ -323,9 +331,15 @@ class DeepSeekOCRBackend(Backend):
         else in the caller's thread, `batch_size` pages at a time."""
         queue = self.encode_queue
 
-        def store(job: PageJob, embedding: torch.Tensor) -> None:  # in the encoding thread
-            if tuple(embedding.shape) == shapes[job.index]:  # else never read back
-                memory.cache.put_tensor(session_id, job.key, embedding)
+        def store(jobs: list[PageJob], embeddings: list[torch.Tensor]) -> None:  # encoding thread
+            memory.cache.put_tensors(
+                session_id,
+                [  # one of another shape would never be read back
+                    (job.key, embedding)
+                    for job, embedding in zip(jobs, embeddings)
+                    if tuple(embedding.shape) == shapes[job.index]
+                ],
+            )
 
         deadline = time.monotonic() + self.encode_timeout_s
         jobs = [PageJob(session_id, key, p.index, p.mode) for p, key in queued]
