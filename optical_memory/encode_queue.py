@@ -103,6 +103,12 @@ class QueueStats:
     most_sessions_in_batch: int = 0  # sessions whose pages shared one forward pass, at most
     deduplicated: int = 0  # requests for a page already queued or in the cache
     failed: int = 0  # pages whose batch failed
+    # a worker's seconds in each part of its work (the prepare of the next batch overlaps the
+    # encode of this one): reading and preprocessing images, forward passes (with packing
+    # the results), storing the results and waking the waiters
+    prepare_s: float = 0.0
+    encode_s: float = 0.0
+    store_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- in-process
@@ -683,10 +689,12 @@ class EncodeWorker:
                 chunk = ids[start : start + self.batch]
                 prepared = None
                 if self._prepare is not None:
+                    started = time.perf_counter()
                     try:
                         prepared = self._prepare(mode, [work.jobs[i] for i in chunk])
                     except Exception:  # the forward pass prepares again, and reports
                         log.exception("preparing %d %s page(s) failed", len(chunk), mode)
+                    self.stats.prepare_s += time.perf_counter() - started
                 work.passes.append((mode, chunk, prepared))
         return work
 
@@ -715,11 +723,14 @@ class EncodeWorker:
                 if not planned:
                     continue
             jobs = [work.jobs[i] for i in planned]
+            started = time.perf_counter()
             try:
                 results = self._encode(mode, jobs, prepared)
             except Exception as exc:
                 log.exception("encoding %d %s page(s) failed", len(jobs), mode)
                 results = [(None, f"the worker failed: {exc!r}"[:300])] * len(jobs)
+            stored = time.perf_counter()
+            self.stats.encode_s += stored - started
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
             sessions = len({job.session_id for job in jobs})
@@ -733,8 +744,10 @@ class EncodeWorker:
                 else:
                     self.stats.failed += 1
                     work.done[entry_id] = error or "unknown error"
+            self.stats.store_s += time.perf_counter() - stored
         for entry_id, seen in work.repeats.items():  # a page twice in one read: one outcome
             work.done[entry_id] = work.done.get(seen, "not done")
+        started = time.perf_counter()
         with _redis_errors("finishing encoded pages", self.store):
             for entry_id, job in work.jobs.items():
                 error = work.done.get(entry_id, "not done")
@@ -748,3 +761,4 @@ class EncodeWorker:
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             pipe.execute()
+        self.stats.store_s += time.perf_counter() - started

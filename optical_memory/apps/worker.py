@@ -209,7 +209,8 @@ def run_worker(args: argparse.Namespace) -> int:
     stats = worker.run(stop, max_pages=args.max_pages, idle_exit_s=args.idle_exit)
     print(
         f"worker {worker.name}: {stats.pages} pages encoded in {stats.batches} forward passes, "
-        f"{stats.deduplicated} already cached, {stats.failed} failed",
+        f"{stats.deduplicated} already cached, {stats.failed} failed; seconds preparing "
+        f"{stats.prepare_s:.2f}, encoding {stats.encode_s:.2f}, storing {stats.store_s:.2f}",
         file=sys.stderr, flush=True,
     )
     store.close()

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
+from optical_memory.backends.deepseek_ocr.fused_experts import fused_experts, use_fused_experts
+
 EXPERTS_IMPLEMENTATION = "optical_memory"
 
 
@@ -61,6 +63,10 @@ def grouped_experts_forward(
     top_k_index: torch.Tensor,  # [tokens, k]
     top_k_weights: torch.Tensor,  # [tokens, k], float32
 ) -> torch.Tensor:
+    if use_fused_experts(hidden_states, top_k_index):  # a few decode tokens: two Triton kernels
+        return fused_experts(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj
+        )
     tokens, k = top_k_index.shape
     rows = tokens * k
     experts = torch.arange(self.num_experts, device=hidden_states.device)

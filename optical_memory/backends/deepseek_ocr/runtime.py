@@ -204,6 +204,7 @@ class Encoder:
         # input shape -> (graph, static input, static output), oldest first
         self._graphs: dict[tuple[int, ...], tuple] | None = None
         self._graph_lock = threading.Lock()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if cuda_graphs:
             self.enable_cuda_graphs()
 
@@ -283,9 +284,25 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_views(self, views: list[Views]) -> list[torch.Tensor]:
-        """Like `encode_batch` for views already prepared (e.g. by worker processes)."""
+        """Like `encode_batch` for views already prepared (e.g. by worker processes).
+
+        On a GPU the pass runs on a CUDA stream of its own, so the decoder's steps (on the
+        default stream, from other threads) run beside it instead of queueing behind it;
+        the results are complete when this returns.
+        """
         if not views:
             return []
+        if self.device.type != "cuda":
+            return self._encode_views(views)
+        with torch.cuda.stream(self._stream):
+            out = self._encode_views(views)
+        self._stream.synchronize()
+        consumer = torch.cuda.current_stream(self.device)
+        for tokens in out:  # freed later after work on the consumer's stream, not before
+            tokens.record_stream(consumer)
+        return out
+
+    def _encode_views(self, views: list[Views]) -> list[torch.Tensor]:
         global_features = self._features(torch.stack([v.global_view for v in views]))
         tile_counts = [v.tiles.shape[0] for v in views]
         tile_features = (
