@@ -49,8 +49,8 @@ def check_image(image: Image.Image) -> Image.Image:
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """RGB PIL image -> contiguous uint8 tensor [3, H, W] (batches stack it with one copy)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def normalize(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -303,10 +303,10 @@ class Encoder:
         return out
 
     def _encode_views(self, views: list[Views]) -> list[torch.Tensor]:
-        global_features = self._features(torch.stack([v.global_view for v in views]))
+        global_features = self._features(self._batch([v.global_view for v in views]))
         tile_counts = [v.tiles.shape[0] for v in views]
         tile_features = (
-            self._features(torch.cat([v.tiles for v in views if v.tiles.shape[0]]))
+            self._features(self._batch([tile for v in views for tile in v.tiles]))
             if sum(tile_counts)
             else None
         )
@@ -318,6 +318,13 @@ class Encoder:
                 start += tile_counts[i]
             out.append(self.model.layout(global_features[i], tiles, v.tile_grid))
         return out
+
+    def _batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 [3, S, S] images stacked, on a GPU into pinned memory (an asynchronous copy)."""
+        if self.device.type != "cuda":
+            return torch.stack(images)
+        out = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+        return torch.stack(images, out=out)
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: uint8 [B, 3, S, S] -> features [B, (S/64)^2, hidden]
