@@ -414,7 +414,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- all at once through the encode queue and the scheduler
     requests.drop_half()
+    queued_before = batched.encode_queue.stats()
     conc = scheduled_pass(batched, scheduler, requests.prompts, answer)
+    queued = batched.encode_queue.stats()
+    conc["encode_passes"] = queued.batches - queued_before.batches
+    conc["pages_per_encode_pass"] = (queued.pages - queued_before.pages) / max(
+        1, conc["encode_passes"]
+    )
     if device.type == "cuda":
         conc["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         conc["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

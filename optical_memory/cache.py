@@ -228,17 +228,24 @@ _MAX_PNG_CHUNKS = 1000  # ancillary chunks before the first IDAT
 
 
 def image_to_bytes(key: str, image: Image.Image) -> bytes:
+    """A PNG entry; an RGB image whose channels are equal (a rendered page) is stored as
+    gray: a third of the bytes, and a third of the work to decode and resize."""
+    if image.mode == "RGB":
+        red, green, blue = (band.tobytes() for band in image.split())
+        if red == green == blue:
+            image = image.convert("L")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=1)
     return pack(key, "png", (image.height, image.width), buffer.getvalue())
 
 
 def image_from_bytes(
-    key: str, value: bytes, *, size: tuple[int, int] | None = None
+    key: str, value: bytes, *, size: tuple[int, int] | None = None, gray: bool = False
 ) -> Image.Image:
-    """The RGB image of a PNG entry. Its size is read from the PNG's IHDR chunk and checked
-    against the entry's header, `size` (width, height: what the key implies) when given,
-    and the bounds (MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS) before Pillow decodes anything."""
+    """The RGB image of a PNG entry (with `gray`, an "L" image where the entry is gray). Its
+    size is read from the PNG's IHDR chunk and checked against the entry's header, `size`
+    (width, height: what the key implies) when given, and the bounds (MAX_IMAGE_SIDE,
+    MAX_IMAGE_PIXELS) before Pillow decodes anything."""
     dtype, shape, payload = unpack(key, value)
     if dtype != "png":
         raise CacheEntryError(f"entry holds {dtype[:40]!r}, not a PNG image")
@@ -255,7 +262,7 @@ def image_from_bytes(
         if isinstance(exc, CacheEntryError):
             raise
         raise CacheEntryError(f"unreadable PNG: {exc}") from None
-    return image.convert("RGB")
+    return image if gray and image.mode == "L" else image.convert("RGB")
 
 
 class VisionCache:

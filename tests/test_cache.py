@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -100,3 +102,22 @@ def test_bounded_cache_evicts_and_recomputes(store_factory):
         cache.put_tensor("s", k, torch.zeros(73, 1280, dtype=torch.bfloat16))
     present = [cache.get_tensor("s", k) is not None for k in keys]
     assert present == [False, False, True, True, True]
+
+
+def test_a_gray_page_is_stored_as_gray_and_read_back_as_it_was():
+    import numpy as np
+
+    from optical_memory.cache import image_from_bytes, image_to_bytes, unpack
+
+    rng = np.random.default_rng(0)
+    gray = Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8), "L")
+    rgb = gray.convert("RGB")
+    entry = image_to_bytes("k", rgb)
+    assert Image.open(io.BytesIO(unpack("k", entry)[2])).mode == "L"  # one band kept
+    assert image_from_bytes("k", entry).mode == "RGB"
+    assert image_from_bytes("k", entry).tobytes() == rgb.tobytes()
+    assert image_from_bytes("k", entry, gray=True).tobytes() == gray.tobytes()
+    colour = rgb.copy()
+    colour.putpixel((3, 4), (255, 0, 0))
+    assert image_from_bytes("k", image_to_bytes("k", colour), gray=True).mode == "RGB"
+    assert image_from_bytes("k", image_to_bytes("k", colour)).tobytes() == colour.tobytes()

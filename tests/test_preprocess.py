@@ -63,3 +63,16 @@ def test_bad_images_raise_clear_errors():
         make_views(too_big, "base")
     with pytest.raises(ValueError, match="valid modes: tiny, small, base, large, gundam"):
         make_views(Image.new("RGB", (10, 10)), "huge")
+
+
+@pytest.mark.parametrize("mode", ["tiny", "small", "base", "large", "gundam"])
+@pytest.mark.parametrize("size", [(1280, 1280), (1280, 700), (500, 1500)])
+def test_a_gray_image_gives_the_views_of_its_rgb_conversion(mode, size):
+    import numpy as np
+
+    rng = np.random.default_rng(sum(size))
+    gray = Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L")
+    got, want = make_views(gray, mode), make_views(gray.convert("RGB"), mode)
+    assert got.tile_grid == want.tile_grid
+    assert torch.equal(got.global_view, want.global_view)
+    assert torch.equal(got.tiles, want.tiles)

@@ -34,7 +34,8 @@ class Views:
 
 
 def check_image(image: Image.Image) -> Image.Image:
-    """The image as RGB; a zero-sized or over-large image raises ValueError."""
+    """The image as RGB, or as it is when gray ("L"); a zero-sized or over-large image
+    raises ValueError."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     width, height = image.size
@@ -45,12 +46,16 @@ def check_image(image: Image.Image) -> Image.Image:
             f"image of {width}x{height} = {width * height} pixels is over the limit of "
             f"{MAX_IMAGE_PIXELS} pixels (optical_memory.backends.deepseek_ocr.preprocess.MAX_IMAGE_PIXELS)"
         )
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> contiguous uint8 tensor [3, H, W] (batches stack it with one copy)."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+    """RGB or gray PIL image -> contiguous uint8 tensor [3, H, W] (batches stack it with one
+    copy; a gray image's value in each channel, as its RGB conversion)."""
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        return torch.from_numpy(np.broadcast_to(pixels, (3, *pixels.shape)).copy())
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 def normalize(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +67,8 @@ def global_view(image: Image.Image, mode: Mode) -> Image.Image:
     size = (mode.base_size, mode.base_size)
     if mode.squash:
         return image.resize(size, resample=RESAMPLE)
-    return ImageOps.pad(image, size, method=RESAMPLE, color=PAD_COLOR)
+    color = PAD_COLOR[0] if image.mode == "L" else PAD_COLOR  # a gray: the same either way
+    return ImageOps.pad(image, size, method=RESAMPLE, color=color)
 
 
 def local_tiles(image: Image.Image, mode: Mode, grid: tuple[int, int]) -> list[Image.Image]:
@@ -78,7 +84,9 @@ def local_tiles(image: Image.Image, mode: Mode, grid: tuple[int, int]) -> list[I
 
 
 def make_views(image: Image.Image, mode: str | Mode) -> Views:
-    """The uint8 views of `image` for `mode` (checked and converted to RGB first)."""
+    """The uint8 views of `image` for `mode` (checked and converted to RGB first). A gray
+    ("L") image is resized as it is: PIL resizes each channel with the same arithmetic, so
+    its views equal those of its RGB conversion, for a third of the work."""
     mode = get_mode(mode)
     image = check_image(image)
     grid = mode.tile_grid(*image.size)

@@ -39,7 +39,7 @@ def default_view_processes(device: torch.device | str) -> int:
 
 def views_from_entry(key: str, entry: bytes, size: tuple[int, int], mode: str) -> Views:
     """The views of a cached page image entry (raises CacheEntryError when it is unsound)."""
-    return make_views(image_from_bytes(key, entry, size=size), mode)
+    return make_views(image_from_bytes(key, entry, size=size, gray=True), mode)
 
 
 def _view_arrays(
