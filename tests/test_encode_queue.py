@@ -469,3 +469,23 @@ def test_inline_encoding_uses_no_queue(tmp_path, model, conversation):
     for a_tokens, b_tokens in zip(got, _alone(mem, "s")):
         torch.testing.assert_close(a_tokens, b_tokens, rtol=1e-5, atol=1e-5)
     mem.close()
+
+
+def test_a_forward_pass_hands_each_caller_its_pages_in_one_call():
+    stored = []
+
+    def mine(jobs, results):
+        stored.append(("mine", [j.key for j in jobs], results))
+
+    def theirs(jobs, results):
+        stored.append(("theirs", [j.key for j in jobs], results))
+
+    queue = LocalEncodeQueue(lambda mode, payloads: [p * 10 for p in payloads], batch=8)
+    with queue.hold():
+        futures = [f for f, _ in queue.submit_many(
+            [(PageJob("a", "k1", 1, "t"), 1), (PageJob("a", "k2", 2, "t"), 2)], mine
+        )]
+        futures += [f for f, _ in queue.submit_many([(PageJob("b", "k3", 3, "t"), 3)], theirs)]
+    assert [f.result(timeout=30) for f in futures] == [10, 20, 30]
+    assert sorted(stored) == [("mine", ["k1", "k2"], [10, 20]), ("theirs", ["k3"], [30])]
+    assert queue.stats().batches == 1

@@ -103,3 +103,11 @@ def test_fast_sam_modules_equal_transformers_sam(tmp_path):
     )
     with pytest.raises(ValueError, match="valid: fast, transformers"):
         load_encoder(tmp_path, sam_implementation="flash")
+
+
+def test_cuda_graph_batches_pad_to_few_sizes_with_under_half_padding():
+    from optical_memory.backends.deepseek_ocr.runtime import graph_batch
+
+    sizes = [graph_batch(n) for n in range(1, 65)]
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert all(n <= b < 2 * n for n, b in zip(range(1, 65), sizes))
