@@ -321,6 +321,11 @@ class VisionCache:
         }
         return {key: tensor for key, tensor in decoded.items() if tensor is not None}
 
+    def get_entries(self, session_id: str, keys: list[str]) -> dict[str, bytes]:
+        """The stored values of `keys` that are present, unchecked, in one read: for a reader
+        that checks them itself (a view process decoding page images)."""
+        return self.store.cache_get_many(session_id, keys)
+
     def put_tensor(self, session_id: str, key: str, tensor: torch.Tensor) -> int:
         """Store a tensor; returns the bytes it takes."""
         return self.put_tensors(session_id, [(key, tensor)])

@@ -701,3 +701,20 @@ def test_debug_logging_alone_shows_message_content(upstream, tmp_path, caplog):
                 assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
             dump = "\n".join(JsonFormatter().format(r) for r in caplog.records)
             assert ("VISIBLE" in dump) is debug
+
+
+def test_the_metrics_cache_counts_lookups_made_in_bulk(tmp_path):
+    import torch
+
+    from optical_memory.apps.server import CountingCache, Metrics
+    from optical_memory.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "m.sqlite3")
+    metrics = Metrics()
+    cache = CountingCache(store, metrics)
+    cache.put_tensors("s", [("a", torch.zeros(2, 3))])
+    assert set(cache.get_tensors("s", {"a": (2, 3), "b": (2, 3)})) == {"a"}
+    store.cache_put("s", "png", b"x")
+    assert set(cache.get_entries("s", ["png", "none"])) == {"png"}
+    assert (metrics.hits, metrics.misses) == (2, 2)
+    store.close()

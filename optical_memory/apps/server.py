@@ -341,6 +341,16 @@ class CountingCache(VisionCache):
         self.metrics.lookups(value is not None, value is None)
         return value
 
+    def get_tensors(self, session_id: str, shapes: dict, **kw: Any) -> dict:
+        found = super().get_tensors(session_id, shapes, **kw)
+        self.metrics.lookups(len(found), len(shapes) - len(found))
+        return found
+
+    def get_entries(self, session_id: str, keys: list[str]) -> dict[str, bytes]:
+        found = super().get_entries(session_id, keys)
+        self.metrics.lookups(len(found), len(set(keys)) - len(found))
+        return found
+
     def get_image(self, session_id: str, key: str, **kw: Any) -> Any:
         value = super().get_image(session_id, key, **kw)
         self.metrics.lookups(value is not None, value is None)

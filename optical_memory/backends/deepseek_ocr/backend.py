@@ -305,13 +305,9 @@ class DeepSeekOCRBackend(Backend):
                     chunk = group[start : start + batch_size]
                     images = [memory.page_image(session_id, records[p.index]) for p, _ in chunk]
                     embeddings = encoder.encode_batch(images, mode)
-                    memory.cache.put_tensors(
-                        session_id,
-                        [  # one of another shape would never be read back
-                            (key, embedding)
-                            for (p, key), embedding in zip(chunk, embeddings)
-                            if tuple(embedding.shape) == shapes[p.index]
-                        ],
+                    _put_embeddings(
+                        memory, session_id, shapes,
+                        [(p.index, key, e) for (p, key), e in zip(chunk, embeddings)],
                     )
                     out.update((p.index, e) for (p, _), e in zip(chunk, embeddings))
                     bar.update(len(chunk))
@@ -332,13 +328,9 @@ class DeepSeekOCRBackend(Backend):
         queue = self.encode_queue
 
         def store(jobs: list[PageJob], embeddings: list[torch.Tensor]) -> None:  # encoding thread
-            memory.cache.put_tensors(
-                session_id,
-                [  # one of another shape would never be read back
-                    (job.key, embedding)
-                    for job, embedding in zip(jobs, embeddings)
-                    if tuple(embedding.shape) == shapes[job.index]
-                ],
+            _put_embeddings(
+                memory, session_id, shapes,
+                [(job.index, job.key, e) for job, e in zip(jobs, embeddings)],
             )
 
         deadline = time.monotonic() + self.encode_timeout_s
@@ -376,7 +368,7 @@ class DeepSeekOCRBackend(Backend):
         dropped) are rendered and prepared here."""
         keys = [page_image_key(records[j.index].content_hash, records[j.index].fingerprint)
                 for j in jobs]
-        entries = memory.store.cache_get_many(session_id, keys)
+        entries = memory.cache.get_entries(session_id, keys)
         pending: dict[Future, int] = {}
         for n, (job, key) in enumerate(zip(jobs, keys)):
             if key in entries:
@@ -501,3 +493,16 @@ class DeepSeekOCRBackend(Backend):
         if not batching:
             return generate_ids(model.decoder, inputs, config, model.tokenizer.eos_id)
         return iter(model.scheduler(**self._scheduler_options).submit(inputs, config))
+
+
+def _put_embeddings(
+    memory: PageSource,
+    session_id: str,
+    shapes: dict[int, tuple[int, int]],
+    pages: list[tuple[int, str, torch.Tensor]],
+) -> None:
+    """Cache (page index, key, embedding) triples in one write; one of another shape than its
+    page's would never be read back, so it is not stored."""
+    memory.cache.put_tensors(
+        session_id, [(key, e) for index, key, e in pages if tuple(e.shape) == shapes[index]]
+    )
